@@ -1,0 +1,121 @@
+"""`nemo-btx <command> [key=value ...]`: the only place that parses argv and exits the process.
+
+Commands are the pipeline's stages (the paper's verbs) plus helpers to inspect a config. Each
+stage module is imported only when chosen, so `--help` and `validate` start in well under a
+second without torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Callable, Dict, List, Optional, Tuple
+
+from nemo_btx.errors import BtxError, ConfigError, NotImplementedStageError
+
+log = logging.getLogger("nemo_btx")
+
+#: command -> (one-line help, "module:function" or None while the issue that fills it is open).
+COMMANDS: Dict[str, Tuple[str, Optional[str], str]] = {
+    "run": ("the whole experiment in the run directory (for now: the smoke stage)",
+            "nemo_btx.stages.smoke:run", ""),
+    "smoke": ("build a tiny dense and MoE model and train a few steps",
+              "nemo_btx.stages.smoke:run", ""),
+    "validate": ("resolve the config and check it (keys, types, parallel layout); no GPU needed",
+                 None, "builtin"),
+    "config": ("print the resolved config as YAML", None, "builtin"),
+    "data": ("tokenizer and per-domain indexed datasets", None, "issue 3"),
+    "seed": ("pre-train (or import) the seed model on the general mixture", None, "issue 3"),
+    "branch": ("copy the seed into one expert directory per domain", None, "issue 3"),
+    "train-expert": ("continue one expert on its domain (domain=NAME or domain_index=I)", None, "issue 3"),
+    "train": ("a training run on megatron-core from a config", None, "issue 3"),
+    "mix": ("merge the experts into one megatron-core MoE checkpoint", None, "issue 4"),
+    "upcycle": ("sparse-upcycling baseline: the seed's FFN copied into every expert", None, "issue 4"),
+    "finetune": ("train the MoE with top-k routing and load balancing", None, "issue 5"),
+    "eval": ("lm-eval tasks, BTM ensemble and domain perplexity", None, "issue 6"),
+    "report": ("Markdown/HTML/JSON comparison report", None, "issue 7"),
+    "launch": ("render and submit the Slurm job chain", None, "issue 8"),
+    "import-hf": ("import a Hugging Face Llama checkpoint as the seed", None, "issue 9"),
+    "export-hf": ("export a dense model as Llama or the MoE as Mixtral", None, "issue 9"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    width = max(len(c) for c in COMMANDS)
+    lines = [f"  {name:<{width}}  {text}" + (f"  [not yet: {where}]" if fn is None and where != "builtin" else "")
+             for name, (text, fn, where) in COMMANDS.items()]
+    parser = argparse.ArgumentParser(
+        prog="nemo-btx",
+        description="Branch-Train-MiX on megatron-core. Configs: conf/*.yaml, overridden NeMo-style "
+                    "with key=value (e.g. model.num_layers=4 parallel.tp=2, or model=llama2_7b).",
+        epilog="commands:\n" + "\n".join(lines),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument("--config-name", default="config",
+                        help="primary config under conf/ (default: config)")
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("command", nargs="?", choices=list(COMMANDS), metavar="command",
+                        help="one of the commands below")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    return parser
+
+
+def _builtin(command: str, overrides: List[str], config_name: str) -> int:
+    from nemo_btx.config import load_config, to_yaml, validate
+
+    cfg = load_config(overrides, config_name=config_name)
+    if command == "config":
+        sys.stdout.write(to_yaml(cfg))
+        return 0
+    world = validate(cfg)
+    p = cfg.parallel
+    print(f"config OK: model {cfg.model.name} ({cfg.model.num_layers} layers, hidden "
+          f"{cfg.model.hidden_size}, {'dense' if cfg.model.moe.num_experts is None else str(cfg.model.moe.num_experts) + ' experts'}), "
+          f"world {world} = tp {p.tp} x pp {p.pp} x cp {p.cp} x dp {world // (p.tp * p.pp * p.cp)}"
+          f"{f', ep {p.ep}' if p.ep > 1 else ''}")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.version:
+        from nemo_btx import __version__
+        print(f"nemo-btx {__version__}")
+        return 0
+    if args.command is None:
+        _parser().print_help()
+        return 2
+    from nemo_btx.log import init_logger
+
+    init_logger(args.log_level)
+    text, target, where = COMMANDS[args.command]
+    try:
+        if where == "builtin":
+            return _builtin(args.command, args.overrides, args.config_name)
+        if target is None:
+            raise NotImplementedStageError(
+                f"'{args.command}' is listed but not implemented yet ({where} delivers it)")
+        from nemo_btx.config import load_config, validate
+
+        cfg = load_config(args.overrides, config_name=args.config_name)
+        validate(cfg)
+        module, func = target.split(":")
+        fn: Callable = getattr(importlib.import_module(module), func)
+        fn(cfg)
+        return 0
+    except ConfigError as err:
+        print(f"nemo-btx: config error: {err}", file=sys.stderr)
+        return 2
+    except NotImplementedStageError as err:
+        print(f"nemo-btx: {err}", file=sys.stderr)
+        return 2
+    except BtxError as err:
+        print(f"nemo-btx: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""Structured configuration: one dataclass per concern, the single source of truth for keys.
+
+Hydra merges `conf/` YAML and `key=value` overrides into `ExperimentConfig`, so a key that is
+not a field here, or a value of the wrong type, fails before anything runs. Fields whose value
+must come from a fixed set carry `metadata={"choices": ...}`; `validate.py` checks them together
+with the cross-field rules (parallel layouts), because OmegaConf cannot express `Literal`.
+
+This module imports nothing heavy (no torch, no megatron), so configs load on a login node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+def choice(default, *choices, doc: str = ""):
+    """A string field restricted to `choices` (checked in `validate.check_choices`)."""
+    return field(default=default, metadata={"choices": tuple(choices), "doc": doc})
+
+
+@dataclass(kw_only=True)
+class MoEConfig:
+    """Mixture-of-Experts settings; `num_experts: null` means a dense model."""
+
+    num_experts: Optional[int] = None
+    """Experts per MoE layer (BTX: number of domains, +1 when the seed joins). null = dense."""
+    router_topk: int = 2
+    """Experts each token is routed to (the paper's default top-2)."""
+    aux_loss_coeff: float = 0.01
+    """alpha of the load-balancing loss alpha*N*sum(u_i*p_i), applied in every MoE layer."""
+    load_balancing_type: str = choice("aux_loss", "aux_loss", "seq_aux_loss", "sinkhorn", "none")
+    """megatron-core moe_router_load_balancing_type."""
+    token_dispatcher_type: str = choice("alltoall", "alltoall", "allgather")
+    """How tokens reach experts on other EP ranks."""
+    capacity_factor: Optional[float] = None
+    """Expert capacity as a multiple of the even share (Switch: 1.5); null = no token dropping."""
+    router_pre_softmax: bool = False
+    """False: top-k logits then softmax over the k (the paper, and Mixtral-equivalent)."""
+    grouped_gemm: bool = False
+    """Use grouped GEMM experts (GPU with TE only)."""
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """A Llama-style decoder (RMSNorm, SwiGLU, RoPE) as megatron-core GPTModel builds it."""
+
+    name: str = "tiny"
+    """Label written into manifests and reports."""
+    num_layers: int = 4
+    hidden_size: int = 128
+    ffn_hidden_size: int = 352
+    """Width of the SwiGLU feed-forward block (each of gate and up)."""
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None
+    """Key/value heads for grouped-query attention; null = one per attention head."""
+    kv_channels: Optional[int] = None
+    """Per-head dimension; null = hidden_size / num_attention_heads."""
+    vocab_size: int = 4096
+    """Tokenizer vocabulary; the embedding is padded up to make_vocab_size_divisible_by * tp."""
+    make_vocab_size_divisible_by: int = 128
+    seq_length: int = 128
+    """Training sequence length in tokens."""
+    max_position_embeddings: Optional[int] = None
+    """null = seq_length."""
+    normalization: str = choice("RMSNorm", "RMSNorm", "LayerNorm")
+    norm_epsilon: float = 1e-5
+    activation: str = choice("swiglu", "swiglu", "gelu")
+    """swiglu = gated SiLU as in Llama; gelu = plain GPT MLP."""
+    position_embedding_type: str = choice("rope", "rope", "learned_absolute")
+    rotary_base: int = 10000
+    untie_embeddings_and_output_weights: bool = True
+    """Llama keeps the output layer separate from the input embedding."""
+    init_method_std: float = 0.02
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """How one training job is laid out over its processes (megatron-core parallel state)."""
+
+    tp: int = 1
+    """Tensor parallel size."""
+    pp: int = 1
+    """Pipeline parallel size."""
+    vp: Optional[int] = None
+    """Virtual pipeline stages per pipeline rank (interleaved 1F1B); null = no interleaving."""
+    cp: int = 1
+    """Context parallel size."""
+    ep: int = 1
+    """Expert parallel size (MoE only)."""
+    etp: Optional[int] = None
+    """Expert tensor parallel size; null = same as tp."""
+    sequence_parallel: Optional[bool] = None
+    """null = on when tp > 1 and the model is MoE (megatron-core requires it there)."""
+    distributed_optimizer: bool = False
+    """Shard optimizer state over data-parallel ranks (megatron DistributedOptimizer)."""
+    world_size: Optional[int] = None
+    """Processes the job runs with; null = take it from the launcher (WORLD_SIZE)."""
+    backend: str = choice("auto", "auto", "gloo", "nccl")
+    """torch.distributed backend; auto = nccl with CUDA, gloo without."""
+    batch_p2p_comm: bool = True
+    """Batched pipeline send/recv. Forced off on gloo: it silently corrupts interleaved PP."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Optimizer, schedule and batch settings shared by every training stage."""
+
+    seed: int = 1234
+    micro_batch_size: int = 4
+    """Sequences per forward pass on one data-parallel rank."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step over all data-parallel ranks (gradient accumulation fills it)."""
+    train_iters: int = 20
+    """Optimizer steps."""
+    lr: float = 1e-3
+    """Peak learning rate (the paper: 1e-4 for Llama-2 7B)."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at this fraction of the peak (the paper: 10%)."""
+    warmup_iters: int = 2
+    lr_decay_style: str = choice("cosine", "cosine", "linear", "constant")
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    precision: str = choice("auto", "auto", "fp32", "bf16")
+    """auto = bf16 on GPU, fp32 on CPU."""
+    log_interval: int = 5
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """Where the experiment lives: every stage reads and writes only this directory."""
+
+    dir: str = "runs/tiny"
+
+
+@dataclass(kw_only=True)
+class SmokeConfig:
+    """The foundation's smoke stage: build a dense and an MoE model and train a few steps."""
+
+    steps: int = 8
+    """Optimizer steps per model."""
+    models: List[str] = field(default_factory=lambda: ["dense", "moe"])
+    """Which variants to train: dense, moe."""
+    moe_num_experts: int = 4
+    """Experts of the MoE variant when model.moe.num_experts is null."""
+
+
+@dataclass(kw_only=True)
+class ExperimentConfig:
+    """The root config: one experiment = one run directory."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    smoke: SmokeConfig = field(default_factory=SmokeConfig)

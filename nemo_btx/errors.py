@@ -1,0 +1,25 @@
+"""Error types the command line turns into one clear line instead of a traceback."""
+
+
+class BtxError(Exception):
+    """Base of every error a user can cause and fix (bad config, bad input, bad checkpoint)."""
+
+
+class ConfigError(BtxError, ValueError):
+    """A configuration value is unknown, mistyped or impossible.
+
+    The message always names the dotted key, the value given and what is allowed, because a
+    user reading a Slurm log has nothing else to go on.
+    """
+
+    def __init__(self, key: str, value, allowed: str):
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"{key}={value!r}: {allowed}")
+
+
+class CheckpointError(BtxError):
+    """A checkpoint is missing, incomplete, corrupt or does not fit the model."""
+
+
+class NotImplementedStageError(BtxError):
+    """A stage listed by the CLI whose implementation has not landed yet."""

@@ -1,0 +1,214 @@
+"""Dense and MoE Llama-style GPTModels from the config, on CPU (local spec) or GPU (TE spec).
+
+The dense seed, the domain experts, the merged BTX MoE and the upcycling baseline are all built
+here, from one `ModelConfig`: that is what lets a dense expert's FFN tensors map one-to-one onto
+an MoE expert's in the mix stage.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from nemo_btx.config.schema import ExperimentConfig, ModelConfig
+from nemo_btx.config.validate import etp_of, sequence_parallel_of
+
+log = logging.getLogger(__name__)
+
+
+def have_transformer_engine() -> bool:
+    """TE is optional (the `gpu` extra) and only useful with CUDA."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:  # TE raises OSError/ImportError variants when its CUDA libs are missing
+        return False
+    return True
+
+
+def padded_vocab_size(model: ModelConfig, tp: int) -> int:
+    """Round the vocabulary up so the embedding splits evenly over TP (megatron's rule)."""
+    multiple = model.make_vocab_size_divisible_by * tp
+    return -(-model.vocab_size // multiple) * multiple
+
+
+def params_dtype(cfg: ExperimentConfig) -> torch.dtype:
+    """bf16 on GPU, fp32 on CPU unless the config says otherwise."""
+    if cfg.train.precision == "bf16":
+        return torch.bfloat16
+    if cfg.train.precision == "fp32":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+
+
+def transformer_config(cfg: ExperimentConfig):
+    """megatron-core TransformerConfig for this experiment's model and layout."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    m, p, moe = cfg.model, cfg.parallel, cfg.model.moe
+    dtype = params_dtype(cfg)
+    on_gpu = torch.cuda.is_available()
+    kwargs = dict(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=m.kv_channels,
+        normalization=m.normalization,
+        layernorm_epsilon=m.norm_epsilon,
+        gated_linear_unit=m.activation == "swiglu",
+        activation_func=F.silu if m.activation == "swiglu" else F.gelu,
+        add_bias_linear=False,
+        init_method_std=m.init_method_std,
+        attention_dropout=m.attention_dropout,
+        hidden_dropout=m.hidden_dropout,
+        tensor_model_parallel_size=p.tp,
+        pipeline_model_parallel_size=p.pp,
+        virtual_pipeline_model_parallel_size=p.vp if p.vp and p.vp > 1 else None,
+        context_parallel_size=p.cp,
+        expert_model_parallel_size=p.ep,
+        expert_tensor_parallel_size=etp_of(p),
+        sequence_parallel=sequence_parallel_of(cfg),
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        # CPU: draw weights on the CPU generator, which makes init independent of the layout's
+        # CUDA RNG trackers; the fused kernels below exist only as CUDA/TE implementations.
+        use_cpu_initialization=not on_gpu,
+        bias_activation_fusion=on_gpu and m.activation == "swiglu",
+        bias_dropout_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        # gloo silently corrupts gradients of batched p2p with interleaved PP (see runtime.cpu).
+        batch_p2p_comm=p.batch_p2p_comm and on_gpu,
+        deallocate_pipeline_outputs=on_gpu,
+    )
+    if moe.num_experts is not None:
+        kwargs.update(
+            num_moe_experts=moe.num_experts,
+            moe_router_topk=moe.router_topk,
+            moe_aux_loss_coeff=moe.aux_loss_coeff if moe.load_balancing_type != "none" else 0.0,
+            moe_router_load_balancing_type=moe.load_balancing_type,
+            moe_token_dispatcher_type=moe.token_dispatcher_type,
+            moe_expert_capacity_factor=moe.capacity_factor,
+            moe_router_pre_softmax=moe.router_pre_softmax,
+            moe_grouped_gemm=moe.grouped_gemm and on_gpu,
+            moe_router_dtype="fp32",
+        )
+    if p.batch_p2p_comm and not on_gpu and p.pp > 1 and p.vp and p.vp > 1:
+        log.warning("parallel.batch_p2p_comm=true ignored on gloo: it gives wrong gradients with "
+                    "interleaved pipeline parallelism; using separate send/recv")
+    return TransformerConfig(**kwargs)
+
+
+def layer_spec(cfg: ExperimentConfig):
+    """Transformer Engine layers where TE imports (GPU), megatron-core's local layers otherwise."""
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    moe = cfg.model.moe
+    grouped = moe.grouped_gemm and torch.cuda.is_available()
+    if have_transformer_engine():
+        return get_gpt_layer_with_transformer_engine_spec(
+            num_experts=moe.num_experts, moe_grouped_gemm=grouped)
+    return get_gpt_layer_local_spec(
+        num_experts=moe.num_experts, moe_grouped_gemm=False, normalization=cfg.model.normalization)
+
+
+def build_model(cfg: ExperimentConfig, *, wrap_ddp: bool = True) -> List[torch.nn.Module]:
+    """One GPTModel chunk per virtual pipeline stage of this rank (a list of 1 without VP).
+
+    Call after `runtime.init_runtime`. With `wrap_ddp`, chunks come wrapped in megatron's
+    DistributedDataParallel, which owns the contiguous grad buffers the optimizer needs.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    tconfig = transformer_config(cfg)
+    spec = layer_spec(cfg)
+    vp = tconfig.virtual_pipeline_model_parallel_size
+    chunks = []
+    for vp_stage in range(vp or 1):
+        stage = vp_stage if vp else None
+        model = GPTModel(
+            config=tconfig,
+            transformer_layer_spec=spec,
+            vocab_size=padded_vocab_size(cfg.model, cfg.parallel.tp),
+            max_sequence_length=cfg.model.max_position_embeddings or cfg.model.seq_length,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            share_embeddings_and_output_weights=not cfg.model.untie_embeddings_and_output_weights,
+            position_embedding_type=cfg.model.position_embedding_type,
+            rotary_base=cfg.model.rotary_base,
+            vp_stage=stage,
+        )
+        if torch.cuda.is_available():
+            model.cuda(torch.cuda.current_device())
+        chunks.append(model)
+    if wrap_ddp:
+        chunks = wrap_in_ddp(cfg, chunks)
+    return chunks
+
+
+def wrap_in_ddp(cfg: ExperimentConfig, chunks: List[torch.nn.Module]) -> List[torch.nn.Module]:
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+    )
+    wrapped = []
+    for i, chunk in enumerate(chunks):
+        wrapped.append(DistributedDataParallel(
+            config=chunk.config, ddp_config=ddp_config, module=chunk,
+            # Only the first chunk may skip the bucket that overlaps with the optimizer.
+            disable_bucketing=i > 0,
+        ))
+    return wrapped
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside DDP (and Float16Module) wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def count_parameters(chunks: List[torch.nn.Module]) -> int:
+    """Parameters held by this rank (a shard of the model under TP/PP/EP)."""
+    return sum(p.numel() for c in chunks for p in unwrap(c).parameters())
+
+
+def is_moe(cfg: ExperimentConfig) -> bool:
+    return cfg.model.moe.num_experts is not None
+
+
+def model_flops_per_token(m: ModelConfig, *, active_experts: Optional[int] = None) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward), by formula.
+
+    6*N for the matmul parameters that a token touches, plus attention scores (12*L*h*s). For
+    MoE only the `router_topk` experts a token is routed to count, which is why BTX top-2 costs
+    far less than running every expert (BTM).
+    """
+    h, L, s = m.hidden_size, m.num_layers, m.seq_length
+    heads = m.num_attention_heads
+    kv = (m.num_query_groups or heads) * (m.kv_channels or h // heads)
+    attn = h * h * 2 + 2 * h * kv  # q, o + k, v
+    ffn_one = h * m.ffn_hidden_size * (3 if m.activation == "swiglu" else 2)
+    experts = 1
+    if m.moe.num_experts is not None:
+        experts = active_experts if active_experts is not None else m.moe.router_topk
+    router = h * m.moe.num_experts if m.moe.num_experts else 0
+    per_layer = attn + ffn_one * experts + router
+    logits = h * m.vocab_size
+    return 6.0 * (L * per_layer + logits) + 12.0 * L * h * s

@@ -1,0 +1,1 @@
+"""One driver per pipeline stage. Stages never import each other: they share only files."""
