@@ -1,0 +1,1 @@
+"""Model building: megatron-core GPTModel (dense or MoE) from the config."""

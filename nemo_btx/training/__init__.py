@@ -1,0 +1,1 @@
+"""Training on megatron-core: batches, the optimizer step, and (later) the resumable loop."""
