@@ -3,6 +3,7 @@
 import logging
 import os
 import sys
+import warnings
 
 _FORMAT = "[btx rank{rank}] %(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -21,5 +22,9 @@ def init_logger(level: str = "INFO") -> None:
     handler.setFormatter(logging.Formatter(_FORMAT.format(rank=rank), datefmt="%H:%M:%S"))
     root.addHandler(handler)
     root.setLevel(level if rank == 0 else "WARNING")
+    # Without Apex/TE (every CPU run) megatron-core warns about fallbacks at each layer build.
+    warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"megatron\..*")
+    warnings.filterwarnings("ignore", message="full scope is deprecated")
     # megatron-core is chatty at INFO (one line per process group); keep its warnings only.
     logging.getLogger("megatron").setLevel("WARNING")

@@ -143,7 +143,7 @@ class RunConfig:
 class SmokeConfig:
     """The foundation's smoke stage: build a dense and an MoE model and train a few steps."""
 
-    steps: int = 8
+    steps: int = 20
     """Optimizer steps per model."""
     models: List[str] = field(default_factory=lambda: ["dense", "moe"])
     """Which variants to train: dense, moe."""

@@ -187,6 +187,9 @@ def check_train(cfg: ExperimentConfig, world_size: int) -> None:
     for name in ("micro_batch_size", "global_batch_size", "train_iters", "log_interval"):
         _positive(f"train.{name}", getattr(t, name))
     _positive("train.warmup_iters", t.warmup_iters, minimum=0)
+    if t.warmup_iters >= t.train_iters:
+        raise ConfigError("train.warmup_iters", t.warmup_iters,
+                          f"must be smaller than train.train_iters={t.train_iters}")
     if t.lr <= 0:
         raise ConfigError("train.lr", t.lr, "must be > 0")
     if not 0 <= t.min_lr_ratio <= 1:

@@ -93,6 +93,7 @@ def transformer_config(cfg: ExperimentConfig):
     if moe.num_experts is not None:
         kwargs.update(
             num_moe_experts=moe.num_experts,
+            moe_ffn_hidden_size=m.ffn_hidden_size,
             moe_router_topk=moe.router_topk,
             moe_aux_loss_coeff=moe.aux_loss_coeff if moe.load_balancing_type != "none" else 0.0,
             moe_router_load_balancing_type=moe.load_balancing_type,

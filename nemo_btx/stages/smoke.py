@@ -12,8 +12,8 @@ import logging
 import time
 from pathlib import Path
 
-from nemo_btx.artifacts import software_versions, write_json_atomic
-from nemo_btx.config import to_yaml
+from nemo_btx.artifacts import software_versions, write_json_atomic, write_text_atomic
+from nemo_btx.config import to_yaml, validate
 from nemo_btx.config.schema import ExperimentConfig
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,10 @@ def variant_config(cfg: ExperimentConfig, variant: str) -> ExperimentConfig:
     elif moe.num_experts is None:
         moe = dataclasses.replace(moe, num_experts=cfg.smoke.moe_num_experts)
     model = dataclasses.replace(cfg.model, moe=moe)
-    return dataclasses.replace(cfg, model=model, train=dataclasses.replace(cfg.train, train_iters=cfg.smoke.steps))
+    steps = cfg.smoke.steps
+    train = dataclasses.replace(cfg.train, train_iters=steps,
+                                warmup_iters=min(cfg.train.warmup_iters, steps - 1))
+    return dataclasses.replace(cfg, model=model, train=train)
 
 
 def run(cfg: ExperimentConfig) -> dict:
@@ -39,7 +42,6 @@ def run(cfg: ExperimentConfig) -> dict:
     from nemo_btx.training.step import attach_megatron_hooks, build_optimizer, train_step
 
     for variant in cfg.smoke.models:  # fail on a bad variant before any process group exists
-        from nemo_btx.config.validate import validate
         validate(variant_config(cfg, variant))
     rt = init_runtime(cfg)
     results = {}
@@ -78,7 +80,7 @@ def run(cfg: ExperimentConfig) -> dict:
             "results": results, "world_size": rt.world_size, "device": str(rt.device),
             "cpu_redirections": list(rt.cpu_redirections), "versions": software_versions(),
         })
-        (out / "config.yaml").write_text(to_yaml(cfg))
+        write_text_atomic(out / "config.yaml", to_yaml(cfg))
         for variant, res in results.items():
             log.info("smoke %s: loss %.3f -> %.3f over %d steps, %.0f tokens/s", variant,
                      res["losses"][0], res["losses"][-1], len(res["losses"]), res["tokens_per_second"])
