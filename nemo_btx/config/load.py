@@ -36,11 +36,16 @@ def group_options(group: str, root: Optional[Path] = None) -> List[str]:
     return sorted(p.stem for p in (root / group).glob("*.yaml"))
 
 
-def _schema_node(key: str, value=None):
-    """Walk the dataclass schema along a dotted key; raise ConfigError for an unknown part."""
+def _schema_node(key: str, value=None) -> None:
+    """Walk the dataclass schema along a dotted key; raise ConfigError for an unknown part.
+
+    List-of-section fields (data.domains) accept an index: `data.domains.0.weight`.
+    """
     node = ExperimentConfig
     parts = key.split(".")
-    for depth, part in enumerate(parts):
+    depth = 0
+    while depth < len(parts):
+        part = parts[depth]
         names = [f.name for f in fields(node)]
         if part not in names:
             where = ".".join(parts[:depth]) or "the top level"
@@ -49,11 +54,20 @@ def _schema_node(key: str, value=None):
             raise ConfigError(key, value, f"unknown key; {hint}keys at {where}: {', '.join(names)}")
         spec = next(f for f in fields(node) if f.name == part)
         default = spec.default_factory() if spec.default_factory is not MISSING else spec.default
-        if depth < len(parts) - 1:
-            if not is_dataclass(default):
-                raise ConfigError(key, value, f"'{'.'.join(parts[:depth + 1])}' is a value, not a section")
-            node = type(default)
-    return node
+        depth += 1
+        if depth == len(parts):
+            return
+        if isinstance(default, list) and default and is_dataclass(default[0]):
+            if not parts[depth].isdigit():
+                raise ConfigError(key, value, f"'{'.'.join(parts[:depth])}' is a list: "
+                                  f"index it, e.g. {'.'.join(parts[:depth])}.0.{parts[depth]}")
+            depth += 1
+            if depth == len(parts):
+                return
+            default = default[0]
+        if not is_dataclass(default):
+            raise ConfigError(key, value, f"'{'.'.join(parts[:depth])}' is a value, not a section")
+        node = type(default)
 
 
 def check_overrides(overrides: Sequence[str]) -> None:

@@ -133,6 +133,46 @@ class TrainConfig:
 
 
 @dataclass(kw_only=True)
+class DomainConfig:
+    """One domain of text: an expert is trained on it, and it joins the general mixture."""
+
+    name: str = "???"
+    """Directory name under <run.dir>/data/ and the expert's name (code, math, wiki, ...)."""
+    source: str = "builtin"
+    """builtin = the embedded offline corpus of that name; otherwise a path or glob of .jsonl
+    (one document per line, field `text_key`) or plain-text files (one document per file)."""
+    text_key: str = "text"
+    weight: float = 1.0
+    """Share of this domain in the general mixture (normalised over domains)."""
+    max_documents: Optional[int] = None
+    """Cap on documents read (null = all)."""
+
+
+@dataclass(kw_only=True)
+class TokenizerConfig:
+    """Train a small BPE on the domains (tiny default), or load a Hugging Face tokenizer.json."""
+
+    kind: str = choice("bpe", "bpe", "hf")
+    path: Optional[str] = None
+    """For kind=hf: a tokenizer.json file or a directory holding one."""
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Per-domain indexed datasets (megatron .bin/.idx) with held-out validation splits."""
+
+    domains: List[DomainConfig] = field(default_factory=lambda: [
+        DomainConfig(name="code"), DomainConfig(name="math"), DomainConfig(name="wiki")])
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    valid_fraction: float = 0.05
+    """Share of each domain's documents held out for validation (at least one document)."""
+    max_chars_per_domain: Optional[int] = 4_000_000
+    """Cap on characters read per domain (the tiny default keeps data building to seconds)."""
+    eval_iters: int = 4
+    """Validation batches per domain at each evaluation."""
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     """Where the experiment lives: every stage reads and writes only this directory."""
 
@@ -159,4 +199,5 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     smoke: SmokeConfig = field(default_factory=SmokeConfig)
