@@ -173,6 +173,53 @@ class DataConfig:
 
 
 @dataclass(kw_only=True)
+class TrainStageConfig:
+    """Budget and bookkeeping of one training stage; optimizer settings come from `train`."""
+
+    lr: Optional[float] = None
+    """Peak learning rate; null = train.lr."""
+    warmup_iters: Optional[int] = None
+    """null = train.warmup_iters."""
+    eval_interval: int = 50
+    """Steps between validation passes on every domain (also run at the end)."""
+    save_interval: int = 50
+    """Steps between resumable checkpoints (also saved at the end)."""
+    keep_checkpoints: int = 2
+    """Complete step checkpoints kept; older ones are deleted after a save."""
+
+
+@dataclass(kw_only=True)
+class SeedConfig(TrainStageConfig):
+    """Stage `seed`: pre-train the seed on the general mixture of all domains."""
+
+    train_iters: int = 200
+    """Optimizer steps of the seed."""
+    checkpoint: Optional[str] = None
+    """Use this existing checkpoint (weights or training checkpoint dir) as the seed instead
+    of training one, e.g. an imported Llama-2 7B."""
+
+
+@dataclass(kw_only=True)
+class ExpertConfig(TrainStageConfig):
+    """Stage `train-expert`: continue one branched copy of the seed on its domain only."""
+
+    train_iters: int = 100
+    """Optimizer steps of each expert."""
+
+
+@dataclass(kw_only=True)
+class JobConfig(TrainStageConfig):
+    """`nemo-btx train`: a plain training run of train.train_iters steps on chosen domains."""
+
+    out: Optional[str] = None
+    """Output directory; null = <run.dir>/train."""
+    init: Optional[str] = None
+    """Checkpoint whose weights start the run; null = random init from train.seed."""
+    domains: Optional[List[str]] = None
+    """Domains to train on, weighted by data.domains.*.weight; null = all."""
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     """Where the experiment lives: every stage reads and writes only this directory."""
 
@@ -200,4 +247,11 @@ class ExperimentConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    seed: SeedConfig = field(default_factory=SeedConfig)
+    expert: ExpertConfig = field(default_factory=ExpertConfig)
+    job: JobConfig = field(default_factory=JobConfig)
+    domain: Optional[str] = None
+    """train-expert: the domain to train (a data.domains name)."""
+    domain_index: Optional[int] = None
+    """train-expert: the domain by position in data.domains (what a Slurm array task has)."""
     smoke: SmokeConfig = field(default_factory=SmokeConfig)

@@ -1,18 +1,45 @@
-"""Model weights as megatron-core distributed checkpoints (torch_dist).
+"""Checkpoints as megatron-core distributed checkpoints (torch_dist), written atomically.
 
 A distributed checkpoint stores every tensor with its global shape and each rank's offsets, so
 weights saved at one layout (TP/PP/EP/VP) load at any other: that is how the parallel tests get
-identical starting weights everywhere, and how a mixed MoE loads at any expert layout.
+identical starting weights everywhere, how a run resumes at a new layout, and how a mixed MoE
+loads at any expert layout.
+
+On disk, a training run's directory holds:
+
+    checkpoints/step-000040/    model + optimizer + scheduler + RNG + data position
+        btx_checkpoint.json     written last, inside the directory, before the rename
+    weights/                    final model weights only (what branch/mix/eval read)
+        btx_checkpoint.json
+
+Every checkpoint is written to a hidden temporary directory beside its final name and renamed
+into place only after all ranks finished writing and the marker file exists. A directory
+without the marker is never loaded; leftover temporaries from a killed run are deleted.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
+import os
+import re
+import shutil
+import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
+from nemo_btx.artifacts import read_json, software_versions, write_json_atomic
+from nemo_btx.errors import CheckpointError
 from nemo_btx.model.build import unwrap
+
+log = logging.getLogger(__name__)
+
+MARKER = "btx_checkpoint.json"
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
 
 def model_sharded_state_dict(chunks: List[torch.nn.Module]) -> Dict[str, dict]:
@@ -26,22 +53,252 @@ def model_sharded_state_dict(chunks: List[torch.nn.Module]) -> Dict[str, dict]:
     return {f"model{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
 
 
-def save_model_weights(chunks: List[torch.nn.Module], directory: Path) -> None:
-    """Collective: every rank writes its shards of the model (no optimizer state)."""
+def _optimizer_metadata(optimizer) -> dict:
+    # fully_sharded_model_space: distributed-optimizer state stored per model tensor, so it
+    # reshards to other TP/PP/DP layouts like the weights do.
+    return {"distrib_optim_sharding_type": "fully_sharded_model_space",
+            "chained_optim_avoid_prefix": True}
+
+
+def _rank0() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def is_complete(path: Path) -> bool:
+    return (Path(path) / MARKER).is_file()
+
+
+def read_marker(path: Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    if not is_complete(path):
+        raise CheckpointError(f"{path}: incomplete checkpoint (no {MARKER}); it was not fully "
+                              "written and will not be loaded")
+    try:
+        return read_json(path / MARKER)
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path / MARKER}: unreadable ({err})") from None
+
+
+def _write(path: Path, state: dict, marker: dict) -> None:
+    """Collective save into a temporary sibling, then rename: readers never see half a checkpoint."""
     from megatron.core import dist_checkpointing
 
-    directory = Path(directory)
-    if torch.distributed.get_rank() == 0:
-        directory.mkdir(parents=True, exist_ok=True)
-    torch.distributed.barrier()
-    dist_checkpointing.save(model_sharded_state_dict(chunks), str(directory))
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp"
+    if _rank0():
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    _barrier()
+    dist_checkpointing.save(state, str(tmp))
+    _barrier()
+    if _rank0():
+        write_json_atomic(tmp / MARKER, marker)
+        if path.exists():
+            # Only ever a complete checkpoint of the same step (a re-run of a finished save).
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    _barrier()
 
 
-def load_model_weights(chunks: List[torch.nn.Module], directory: Path) -> None:
-    """Collective: read this rank's slices of every tensor and copy them into the chunks."""
+def _marker(kind: str, layout: dict, model_cfg, extra: Optional[dict] = None) -> dict:
+    return {"format_version": FORMAT_VERSION, "kind": kind, "layout": layout,
+            "model": dataclasses.asdict(model_cfg), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "versions": software_versions(), **(extra or {})}
+
+
+#: Model fields that decide tensor shapes: a checkpoint must agree on all of them to load.
+SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                "num_query_groups", "kv_channels", "vocab_size", "activation", "normalization",
+                "untie_embeddings_and_output_weights")
+
+
+def check_compatible(path: Path, marker: dict, model_cfg) -> None:
+    """Name the first shape-deciding field where the checkpoint and the config disagree."""
+    saved = marker.get("model")
+    if saved is None:
+        return
+    want = dataclasses.asdict(model_cfg)
+    for name in SHAPE_FIELDS:
+        if saved.get(name) != want.get(name):
+            raise CheckpointError(f"{path}: model.{name} is {saved.get(name)!r} in the checkpoint "
+                                  f"but {want.get(name)!r} in this config")
+    a, b = saved.get("moe", {}).get("num_experts"), want["moe"]["num_experts"]
+    if a != b:
+        raise CheckpointError(f"{path}: model.moe.num_experts is {a!r} in the checkpoint but "
+                              f"{b!r} in this config")
+
+
+def current_layout() -> dict:
+    from megatron.core import parallel_state as ps
+
+    return {"world_size": torch.distributed.get_world_size(),
+            "tp": ps.get_tensor_model_parallel_world_size(),
+            "pp": ps.get_pipeline_model_parallel_world_size(),
+            "ep": ps.get_expert_model_parallel_world_size(),
+            "dp": ps.get_data_parallel_world_size()}
+
+
+# ----------------------------------------------------------------------------- model weights
+
+
+def save_model_weights(chunks: List[torch.nn.Module], directory: Path, model_cfg,
+                       extra: Optional[dict] = None) -> None:
+    """Collective: write the model's weights only (no optimizer state) as a complete checkpoint."""
+    _write(Path(directory), model_sharded_state_dict(chunks),
+           _marker("weights", current_layout(), model_cfg, extra))
+
+
+def load_model_weights(chunks: List[torch.nn.Module], directory: Path, model_cfg=None) -> dict:
+    """Collective: read this rank's slices of every tensor into the chunks; return the marker.
+
+    Works for weights-only directories and full training checkpoints alike (the optimizer part
+    of a full checkpoint is simply not requested).
+    """
     from megatron.core import dist_checkpointing
 
+    marker = read_marker(directory)
+    if model_cfg is not None:
+        check_compatible(Path(directory), marker, model_cfg)
     sharded = model_sharded_state_dict(chunks)
-    loaded = dist_checkpointing.load(sharded, str(directory))
+    try:
+        loaded = dist_checkpointing.load(sharded, str(directory))
+    except Exception as err:  # CheckpointingException, missing keys, shape mismatches, I/O
+        raise CheckpointError(f"{directory}: cannot load model weights: "
+                              f"{str(err).splitlines()[0][:500]}") from err
     for name, chunk in zip(sharded, chunks):  # dicts keep insertion order: model0, model1, ...
-        unwrap(chunk).load_state_dict(loaded[name], strict=True)
+        missing, unexpected = unwrap(chunk).load_state_dict(loaded[name], strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing:
+            raise CheckpointError(f"{directory}: checkpoint lacks {len(missing)} tensors of this "
+                                  f"model, e.g. {missing[:3]}")
+    return marker
+
+
+# ------------------------------------------------------------------------ training checkpoints
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return Path(root) / f"step-{step:06d}"
+
+
+def complete_checkpoints(root: Path) -> List[Path]:
+    """Complete step directories under root, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and is_complete(p)]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def latest_checkpoint(root: Path) -> Optional[Path]:
+    found = complete_checkpoints(root)
+    return found[-1] if found else None
+
+
+def clean_incomplete(root: Path) -> List[Path]:
+    """Delete temporaries and unmarked step directories a killed run left behind (rank 0)."""
+    root = Path(root)
+    removed = []
+    if _rank0() and root.is_dir():
+        for p in root.iterdir():
+            if p.is_dir() and (p.name.endswith(".tmp") or (_STEP_DIR.match(p.name) and not is_complete(p))):
+                shutil.rmtree(p)
+                removed.append(p)
+    _barrier()
+    for p in removed:
+        log.warning("removed incomplete checkpoint %s", p)
+    return removed
+
+
+def _rng_state() -> dict:
+    import random
+
+    import numpy as np
+    from megatron.core import tensor_parallel
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+
+
+def _set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _training_state(chunks, optimizer, scheduler, step: int, extra: dict, loading: bool) -> dict:
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    model_sd = model_sharded_state_dict(chunks)
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    state = dict(model_sd)
+    state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=loading,
+                                                      metadata=_optimizer_metadata(optimizer))
+    state["scheduler"] = scheduler.state_dict()
+    state["step"] = step
+    state["extra"] = extra
+    # RNG streams are per rank: stored as one object per rank of this layout.
+    state["rng"] = ShardedObject("rng_state", _rng_state(), (world,), (rank,), replica_id=0)
+    return state
+
+
+def save_training_checkpoint(root: Path, chunks, optimizer, scheduler, step: int, model_cfg,
+                             extra: Optional[dict] = None, keep: int = 2) -> Path:
+    """Collective: model, optimizer, LR schedule, RNG and data position after `step` steps."""
+    path = step_dir(root, step)
+    state = _training_state(chunks, optimizer, scheduler, step, extra or {}, loading=False)
+    _write(path, state, _marker("training", current_layout(), model_cfg,
+                                {"step": step, **(extra or {})}))
+    if _rank0() and keep > 0:
+        for old in complete_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return path
+
+
+def load_training_checkpoint(path: Path, chunks, optimizer, scheduler, model_cfg=None) -> dict:
+    """Collective: restore everything `save_training_checkpoint` wrote; return step and extra.
+
+    RNG state is restored only when the layout is the one it was saved at (each rank's stream
+    belongs to that rank); at another layout the run reseeds from (seed, step) instead.
+    """
+    from megatron.core import dist_checkpointing
+
+    marker = read_marker(path)
+    if marker.get("kind") != "training":
+        raise CheckpointError(f"{path}: a {marker.get('kind')!r} checkpoint, not a training one")
+    if model_cfg is not None:
+        check_compatible(Path(path), marker, model_cfg)
+    same_layout = marker.get("layout") == current_layout()
+    template = _training_state(chunks, optimizer, scheduler, 0, {}, loading=True)
+    if not same_layout:
+        template.pop("rng")
+    try:
+        loaded = dist_checkpointing.load(template, str(path))
+    except Exception as err:
+        raise CheckpointError(f"{path}: cannot load: {str(err).splitlines()[0][:500]}") from err
+    for name, chunk in zip(model_sharded_state_dict(chunks), chunks):
+        unwrap(chunk).load_state_dict(loaded[name], strict=False)
+    optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.load_state_dict(loaded["scheduler"])
+    if same_layout:
+        _set_rng_state(loaded["rng"])
+    return {"step": int(loaded["step"]), "extra": loaded["extra"], "same_layout": same_layout}

@@ -97,22 +97,13 @@ def forward_step(data_iterator: Iterator[Dict[str, torch.Tensor]], model: torch.
     return output, partial(_loss_func, batch["loss_mask"])
 
 
-def train_step(cfg: ExperimentConfig, chunks, optimizer, scheduler,
-               microbatches: List[Dict[str, torch.Tensor]], *,
-               forward_only: bool = False) -> StepResult:
-    """Forward/backward over this rank's micro-batches of one global batch, then one step.
-
-    `microbatches` is this data-parallel rank's share of the global batch, already on device.
-    """
+def _run_schedule(cfg: ExperimentConfig, chunks, microbatches, forward_only: bool) -> float:
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     t, m = cfg.train, cfg.model
     num_micro = t.global_batch_size // (t.micro_batch_size * parallel_state.get_data_parallel_world_size())
     assert len(microbatches) == num_micro, (len(microbatches), num_micro)
-    for chunk in chunks:
-        chunk.zero_grad_buffer()
-    optimizer.zero_grad()
     # Interleaved PP wants one iterator per model chunk; each walks the same micro-batches.
     iters = [iter(microbatches) for _ in chunks]
     losses = get_forward_backward_func()(
@@ -124,15 +115,36 @@ def train_step(cfg: ExperimentConfig, chunks, optimizer, scheduler,
         micro_batch_size=t.micro_batch_size,
         forward_only=forward_only,
     )
-    loss = _reduce_loss(losses)
-    if forward_only:
-        return StepResult(loss=loss, grad_norm=0.0, lr=scheduler.optimizer.param_groups[0]["lr"],
-                          skipped=True)
+    return _reduce_loss(losses)
+
+
+def train_step(cfg: ExperimentConfig, chunks, optimizer, scheduler,
+               microbatches: List[Dict[str, torch.Tensor]]) -> StepResult:
+    """Forward/backward over this rank's micro-batches of one global batch, then one step.
+
+    `microbatches` is this data-parallel rank's share of the global batch, already on device.
+    """
+    for chunk in chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    loss = _run_schedule(cfg, chunks, microbatches, forward_only=False)
     ok, grad_norm, _ = optimizer.step()
     if ok:
         scheduler.step(increment=1)
     return StepResult(loss=loss, grad_norm=float(grad_norm or 0.0),
                       lr=optimizer.param_groups[0]["lr"], skipped=not ok)
+
+
+@torch.no_grad()
+def eval_loss(cfg: ExperimentConfig, chunks, microbatches: List[Dict[str, torch.Tensor]]) -> float:
+    """Mean token loss of one global batch without touching gradients or optimizer state."""
+    for chunk in chunks:
+        chunk.eval()
+    try:
+        return _run_schedule(cfg, chunks, microbatches, forward_only=True)
+    finally:
+        for chunk in chunks:
+            chunk.train()
 
 
 def _reduce_loss(losses: List[Dict[str, torch.Tensor]]) -> float:

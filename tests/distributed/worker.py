@@ -28,9 +28,9 @@ def main(out_json: str, ckpt: str, mode: str, overrides):
     rt = init_runtime(cfg)
     chunks = build_model(cfg)
     if mode == "save":
-        save_model_weights(chunks, ckpt)
+        save_model_weights(chunks, ckpt, cfg.model)
     else:
-        load_model_weights(chunks, ckpt)
+        load_model_weights(chunks, ckpt, cfg.model)
     optimizer, scheduler = build_optimizer(cfg, chunks)
     attach_megatron_hooks(chunks, optimizer)
     losses, norms = [], []

@@ -1,0 +1,56 @@
+"""Small helpers the training stages share: run-directory paths and preconditions.
+
+(Stages never import each other; what they share lives here or in the library.)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+from nemo_btx.config.schema import ExperimentConfig
+from nemo_btx.errors import BtxError, ConfigError
+
+
+def run_dir(cfg: ExperimentConfig) -> Path:
+    return Path(cfg.run.dir)
+
+
+def domain_names(cfg: ExperimentConfig) -> List[str]:
+    return [d.name for d in cfg.data.domains]
+
+
+def domain_weights(cfg: ExperimentConfig, names: Optional[List[str]] = None) -> List[float]:
+    by_name = {d.name: d.weight for d in cfg.data.domains}
+    return [by_name[n] for n in (names or domain_names(cfg))]
+
+
+def require_data(cfg: ExperimentConfig) -> None:
+    """Training needs the data stage's output; say which command makes it."""
+    if not (run_dir(cfg) / "data" / "manifest.json").is_file():
+        raise BtxError(f"{run_dir(cfg) / 'data'}: no complete data (manifest.json missing); "
+                       f"run `nemo-btx data run.dir={cfg.run.dir}` first")
+
+
+def resolve_domain(cfg: ExperimentConfig) -> str:
+    """`domain=NAME` or `domain_index=I` (a Slurm array task id) -> a configured domain name."""
+    names = domain_names(cfg)
+    if cfg.domain is not None and cfg.domain_index is not None:
+        if not 0 <= cfg.domain_index < len(names) or names[cfg.domain_index] != cfg.domain:
+            raise ConfigError("domain_index", cfg.domain_index,
+                              f"disagrees with domain={cfg.domain!r}; give one of them")
+    if cfg.domain is not None:
+        if cfg.domain not in names:
+            raise ConfigError("domain", cfg.domain, f"must be one of {', '.join(names)}")
+        return cfg.domain
+    if cfg.domain_index is not None:
+        if not 0 <= cfg.domain_index < len(names):
+            raise ConfigError("domain_index", cfg.domain_index,
+                              f"must be between 0 and {len(names) - 1} ({', '.join(names)})")
+        return names[cfg.domain_index]
+    raise ConfigError("domain", None, f"train-expert needs domain=NAME or domain_index=I "
+                      f"(domains: {', '.join(names)})")
+
+
+def expert_dir(cfg: ExperimentConfig, domain: str) -> Path:
+    return run_dir(cfg) / "experts" / domain

@@ -1,0 +1,242 @@
+"""The training loop every training stage runs: seed, experts, MoE finetune, baselines.
+
+Read it top to bottom: resume or initialise -> loop (evaluate, step, log, checkpoint) -> final
+weights, manifest and compute-ledger entry. Everything a later stage needs is written into
+`job.out_dir`; nothing is shared in memory.
+
+Exactness on resume rests on three facts: the batch of step i is a pure function of (seed, i)
+(see data/loader.py), the checkpoint holds model, optimizer, LR schedule and RNG state, and the
+metric log is cut back to the resumed step. A killed run that is started again therefore
+continues exactly as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from nemo_btx.artifacts import software_versions, write_json_atomic, write_text_atomic
+from nemo_btx.config import to_yaml
+from nemo_btx.config.schema import ExperimentConfig, TrainStageConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainJob:
+    """What to train, on what, from what, and where to write it."""
+
+    name: str
+    """Stage label in logs, manifest and ledger (seed, expert:code, finetune, ...)."""
+    out_dir: Path
+    domains: List[str]
+    """Training domains; the batch mixes them by `weights`."""
+    weights: Optional[List[float]] = None
+    init_from: Optional[Path] = None
+    """Weights the run starts from (its parent); None = random init from train.seed."""
+    eval_domains: List[str] = field(default_factory=list)
+    stage: TrainStageConfig = field(default_factory=TrainStageConfig)
+    parent: Optional[str] = None
+    """Recorded in the manifest: what this model was trained from."""
+    ledger: Optional[Path] = None
+    """The experiment's compute ledger (<run.dir>/ledger.jsonl); None = <out_dir>/ledger.jsonl."""
+
+
+def stage_config(cfg: ExperimentConfig, stage: TrainStageConfig, train_iters: int) -> ExperimentConfig:
+    """The experiment config with the stage's budget and optional LR/warmup overrides applied."""
+    t = cfg.train
+    train = dataclasses.replace(
+        t, train_iters=train_iters,
+        lr=stage.lr if stage.lr is not None else t.lr,
+        warmup_iters=min(stage.warmup_iters if stage.warmup_iters is not None else t.warmup_iters,
+                         max(train_iters - 1, 0)))
+    return dataclasses.replace(cfg, train=train)
+
+
+def is_done(out_dir: Path) -> bool:
+    """A stage's output is complete when its manifest exists (written last)."""
+    return (Path(out_dir) / "manifest.json").is_file()
+
+
+class _Metrics:
+    """metrics.jsonl (source of the report's loss curves) plus TensorBoard scalars, rank 0 only."""
+
+    def __init__(self, out_dir: Path, resume_step: int, enabled: bool):
+        self.enabled = enabled
+        self.path = out_dir / "metrics.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        # Drop what a killed run logged after its last checkpoint: those steps will be redone.
+        kept = []
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by the kill
+                if rec.get("step", 0) <= resume_step:
+                    kept.append(line)
+        write_text_atomic(self.path, "".join(k + "\n" for k in kept))
+        try:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step + 1)
+        except ImportError:  # pragma: no cover - tensorboardX is a dependency
+            log.warning("tensorboardX not installed: no TensorBoard scalars")
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            step = record["step"]
+            for key, value in record.items():
+                if key == "valid":
+                    for dom, loss in value.items():
+                        self.tb.add_scalar(f"valid/{dom}_loss", loss, step)
+                elif key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(f"train/{key}", value, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    """A tqdm bar on an interactive terminal (rank 0); None means log lines (Slurm logs)."""
+    if not enabled or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+
+def evaluate(cfg: ExperimentConfig, chunks, valid: Dict[str, list], device, dp_rank, dp_size) -> Dict[str, float]:
+    """Mean validation loss per domain over its fixed held-out batches."""
+    from nemo_btx.training.batches import rank_microbatches
+    from nemo_btx.training.step import eval_loss
+
+    out = {}
+    for domain, batches in valid.items():
+        losses = [eval_loss(cfg, chunks, rank_microbatches(cfg, b, dp_rank, dp_size, device))
+                  for b in batches]
+        out[domain] = sum(losses) / len(losses)
+    return out
+
+
+def run_training(cfg: ExperimentConfig, job: TrainJob, rt,
+                 batch_fn: Callable[[int], torch.Tensor], valid: Dict[str, list]) -> dict:
+    """Train `cfg.train.train_iters` steps (resuming if a checkpoint exists); return a summary.
+
+    `batch_fn(step)` returns the global batch `[global_batch, seq+1]` of that step; `valid`
+    maps domain -> fixed validation global batches. Call inside an initialised runtime.
+    """
+    from megatron.core import parallel_state
+
+    from nemo_btx.model.build import build_model, model_flops_per_token
+    from nemo_btx.runtime.distributed import seed_everything
+    from nemo_btx.training import checkpoint as ckpt
+    from nemo_btx.training.batches import rank_microbatches
+    from nemo_btx.training.step import attach_megatron_hooks, build_optimizer, train_step
+
+    out, t, stage = Path(job.out_dir), cfg.train, job.stage
+    ckpt_root = out / "checkpoints"
+    if rt.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "config.yaml", to_yaml(cfg))
+    ckpt.clean_incomplete(ckpt_root)
+
+    chunks = build_model(cfg)
+    optimizer, scheduler = build_optimizer(cfg, chunks)
+    attach_megatron_hooks(chunks, optimizer)
+
+    start = 0
+    latest = ckpt.latest_checkpoint(ckpt_root)
+    if latest is not None:
+        state = ckpt.load_training_checkpoint(latest, chunks, optimizer, scheduler, cfg.model)
+        start = state["step"]
+        if not state["same_layout"]:
+            seed_everything(t.seed + start)
+        log.info("%s: resumed from %s (step %d)", job.name, latest, start)
+    elif job.init_from is not None:
+        ckpt.load_model_weights(chunks, job.init_from, cfg.model)
+        log.info("%s: initialised from %s", job.name, job.init_from)
+
+    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), rt.dp_size
+    tokens_per_step = t.global_batch_size * cfg.model.seq_length
+    flops_per_token = model_flops_per_token(cfg.model)
+    metrics = _Metrics(out, start, enabled=rt.is_main)
+    bar = _progress(t.train_iters, start, enabled=rt.is_main)
+    t0, last_log, steps_run = time.perf_counter(), time.perf_counter(), 0
+    last_valid: Dict[str, float] = {}
+    try:
+        for step in range(start, t.train_iters):
+            micro = rank_microbatches(cfg, batch_fn(step), dp_rank, dp_size, rt.device)
+            r = train_step(cfg, chunks, optimizer, scheduler, micro)
+            done = step + 1
+            steps_run += 1
+            rate = tokens_per_step * steps_run / (time.perf_counter() - t0)
+            record = {"step": done, "loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm,
+                      "tokens": done * tokens_per_step, "tokens_per_s": rate}
+            if valid and (done % stage.eval_interval == 0 or done == t.train_iters):
+                last_valid = evaluate(cfg, chunks, valid, rt.device, dp_rank, dp_size)
+                record["valid"] = last_valid
+            metrics.write(record)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{r.loss:.3f}", tok_s=f"{rate:.0f}")
+            elif rt.is_main and (done % t.log_interval == 0 or done == t.train_iters or "valid" in record):
+                eta = (t.train_iters - done) * (time.perf_counter() - last_log) / max(1, min(t.log_interval, steps_run))
+                last_log = time.perf_counter()
+                log.info("%s step %d/%d loss %.4f lr %.2e grad_norm %.3f tokens/s %.0f eta %.0fs%s",
+                         job.name, done, t.train_iters, r.loss, r.lr, r.grad_norm, rate, eta,
+                         "" if "valid" not in record else " valid " + " ".join(
+                             f"{d}={v:.3f}" for d, v in record["valid"].items()))
+            if done % stage.save_interval == 0 or done == t.train_iters:
+                ckpt.save_training_checkpoint(ckpt_root, chunks, optimizer, scheduler, done,
+                                              cfg.model, extra={"tokens_seen": done * tokens_per_step},
+                                              keep=stage.keep_checkpoints)
+    finally:
+        if bar is not None:
+            bar.close()
+        metrics.close()
+
+    wall = time.perf_counter() - t0
+    if not last_valid and valid:
+        last_valid = evaluate(cfg, chunks, valid, rt.device, dp_rank, dp_size)
+    ckpt.save_model_weights(chunks, out / "weights", cfg.model, extra={"stage": job.name})
+    tokens_run = steps_run * tokens_per_step
+    summary = {
+        "stage": job.name, "steps": t.train_iters, "tokens_seen": t.train_iters * tokens_per_step,
+        "valid_loss": last_valid, "parent": job.parent, "domains": job.domains,
+        "weights": "weights", "train_flops_per_token": flops_per_token,
+    }
+    if rt.is_main:
+        append_ledger(job.ledger or out / "ledger.jsonl", {
+            "stage": job.name, "out": str(out), "steps": [start, t.train_iters],
+            "tokens": tokens_run, "flops": tokens_run * flops_per_token, "wall_s": wall,
+            "device_seconds": wall * rt.world_size, "world_size": rt.world_size,
+            "device": rt.device.type,
+        })
+        write_json_atomic(out / "manifest.json", {
+            **summary, "config": to_yaml(cfg), "versions": software_versions(), "complete": True,
+        })
+    torch.distributed.barrier()
+    return summary
+
+
+def append_ledger(path: Path, entry: dict) -> None:
+    """One line per training segment (a resumed run adds its own), written in one append."""
+    entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **entry}
+    with open(path, "a") as f:
+        f.write(json.dumps(entry) + "\n")
