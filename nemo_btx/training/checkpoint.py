@@ -302,3 +302,20 @@ def load_training_checkpoint(path: Path, chunks, optimizer, scheduler, model_cfg
     if same_layout:
         _set_rng_state(loaded["rng"])
     return {"step": int(loaded["step"]), "extra": loaded["extra"], "same_layout": same_layout}
+
+
+def read_tensors(path: Path) -> Dict[str, torch.Tensor]:
+    """Every tensor of a complete checkpoint at its global shape, without a process group.
+
+    Layer tensors come stacked along a leading layer axis (megatron's global layout). For
+    inspection, tests and reports; training code loads through `load_*` at its layout.
+    """
+    import warnings
+
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    read_marker(path)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        state = _load_state_dict_from_keys(checkpoint_id=str(path))
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}

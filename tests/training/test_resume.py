@@ -1,0 +1,109 @@
+"""Kill -9 at a random step, start again: the result equals a run that was never killed."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO, clean_env, run_torchrun
+
+WORKER = REPO / "tests" / "training" / "loop_worker.py"
+TINY = ["model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128",
+        "model.vocab_size=256", "model.seq_length=32", "train.micro_batch_size=2",
+        "train.global_batch_size=4", "train.train_iters=12", "train.warmup_iters=2",
+        "train.lr=3e-3", "job.save_interval=3", "job.eval_interval=4", "job.keep_checkpoints=2"]
+
+
+def losses(out):
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in recs], [r["valid"]["synthetic"] for r in recs if "valid" in r]
+
+
+def weights(out):
+    from nemo_btx.training.checkpoint import read_tensors
+
+    return read_tensors(out / "weights")
+
+
+def run(out, extra=(), nproc=None):
+    if nproc:
+        return run_torchrun(WORKER, [out, *TINY, *extra], nproc=nproc)
+    proc = subprocess.run([sys.executable, str(WORKER), str(out), *TINY, *extra], cwd=REPO,
+                          env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def kill_at(out, step, extra=()):
+    """Start a run and SIGKILL it once metrics.jsonl shows `step` finished steps."""
+    proc = subprocess.Popen([sys.executable, str(WORKER), str(out), *TINY, *extra], cwd=REPO,
+                            env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    metrics = out / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= step:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, f"run ended before step {step}: {proc.stderr.read()[-3000:]}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    run(out)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_kill9_then_resume_equals_uninterrupted(uninterrupted, tmp_path):
+    step = random.Random().randint(2, 10)
+    kill_at(tmp_path, step)
+    run(tmp_path)
+    ref_train, ref_valid = losses(uninterrupted)
+    got_train, got_valid = losses(tmp_path)
+    assert got_train == ref_train, f"killed at step {step}"
+    assert got_valid == ref_valid
+    a, b = weights(uninterrupted), weights(tmp_path)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs after kill at step {step}"
+    ledger = [json.loads(x) for x in (tmp_path / "ledger.jsonl").read_text().splitlines()]
+    assert ledger[-1]["steps"][1] == 12  # the resumed segment finished the run
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.timeout(600)
+def test_resume_at_another_layout(uninterrupted, tmp_path):
+    """Saved at 1 process, resumed at TP=2 (2 processes): the same remaining losses."""
+    kill_at(tmp_path, 7)  # checkpoint at step 6 exists
+    run(tmp_path, ["parallel.tp=2"], nproc=2)
+    ref, _ = losses(uninterrupted)
+    got, _ = losses(tmp_path)
+    assert len(got) == len(ref) == 12
+    for a, b in zip(got, ref):
+        assert a == pytest.approx(b, rel=1e-5)
+
+
+def test_incomplete_checkpoint_is_never_loaded(tmp_path):
+    from nemo_btx.training import checkpoint as ckpt
+    from nemo_btx.errors import CheckpointError
+
+    root = tmp_path / "checkpoints"
+    (root / "step-000003").mkdir(parents=True)            # written, never marked
+    (root / ".step-000006.tmp").mkdir()                   # killed mid-save
+    assert ckpt.latest_checkpoint(root) is None
+    with pytest.raises(CheckpointError, match="incomplete checkpoint"):
+        ckpt.read_marker(root / "step-000003")
+    ckpt.clean_incomplete(root)
+    assert list(root.iterdir()) == []
