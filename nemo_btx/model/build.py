@@ -86,8 +86,7 @@ def transformer_config(cfg: ExperimentConfig):
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
-        # gloo silently corrupts gradients of batched p2p with interleaved PP (see runtime.cpu).
-        batch_p2p_comm=p.batch_p2p_comm and on_gpu,
+        batch_p2p_comm=p.batch_p2p_comm,
         deallocate_pipeline_outputs=on_gpu,
     )
     if moe.num_experts is not None:
@@ -103,10 +102,13 @@ def transformer_config(cfg: ExperimentConfig):
             moe_grouped_gemm=moe.grouped_gemm and on_gpu,
             moe_router_dtype="fp32",
         )
-    if p.batch_p2p_comm and not on_gpu and p.pp > 1 and p.vp and p.vp > 1:
-        log.warning("parallel.batch_p2p_comm=true ignored on gloo: it gives wrong gradients with "
-                    "interleaved pipeline parallelism; using separate send/recv")
-    return TransformerConfig(**kwargs)
+    tconfig = TransformerConfig(**kwargs)
+    if not on_gpu:
+        # gloo silently corrupts batched p2p with interleaved PP (runtime/cpu.py says why).
+        from nemo_btx.runtime.cpu import force_batch_p2p_comm_off
+
+        force_batch_p2p_comm_off(tconfig, user_requested=bool(p.vp and p.vp > 1 and p.pp > 1))
+    return tconfig
 
 
 def layer_spec(cfg: ExperimentConfig):

@@ -19,8 +19,13 @@ SMALL = ["model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=12
 def runtime():
     from nemo_btx.runtime.distributed import init_runtime, shutdown
 
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
     rt = init_runtime(load_config(SMALL))
     yield rt
+    # A raw backward() outside the schedules leaves a 0-dim aux-loss scale behind that breaks
+    # the next schedule run in this process.
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
     shutdown()
 
 
