@@ -156,6 +156,12 @@ def build_model(cfg: ExperimentConfig, *, wrap_ddp: bool = True) -> List[torch.n
         )
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
+        if tconfig.bf16:
+            # Casts first-stage inputs to bf16 and last-stage outputs back to fp32; the
+            # optimizer keeps fp32 main weights (megatron's mixed-precision recipe).
+            from megatron.core.transformer.module import Float16Module
+
+            model = Float16Module(tconfig, model)
         chunks.append(model)
     if wrap_ddp:
         chunks = wrap_in_ddp(cfg, chunks)
