@@ -155,6 +155,10 @@ class TokenizerConfig:
     kind: str = choice("bpe", "bpe", "hf")
     path: Optional[str] = None
     """For kind=hf: a tokenizer.json file or a directory holding one."""
+    eod_token: Optional[str] = None
+    """End-of-document token appended after every document. null = <|endoftext|> for kind=bpe;
+    for kind=hf the first of <|endoftext|>, </s>, <|end_of_text|>, <eos>, <|eot_id|> the
+    tokenizer knows."""
 
 
 @dataclass(kw_only=True)
@@ -170,6 +174,10 @@ class DataConfig:
     """Cap on characters read per domain (the tiny default keeps data building to seconds)."""
     eval_iters: int = 4
     """Validation batches per domain at each evaluation."""
+    seed: int = 1234
+    """Seed of the data itself: the order of the builtin code corpus, the generated math problems,
+    the train/valid split and the validation batches. Separate from train.seed so that runs with
+    different training seeds read the same data and are scored on the same held-out batches."""
 
 
 @dataclass(kw_only=True)
@@ -220,6 +228,42 @@ class JobConfig(TrainStageConfig):
 
 
 @dataclass(kw_only=True)
+class MixConfig:
+    """Stages `mix` and `upcycle`: build one MoE checkpoint from dense checkpoints.
+
+    Run them at the layout the MoE will train at (parallel.*): each rank reads and writes only
+    its own slices. The MoE's size is derived (sources x split_experts); model.moe.num_experts
+    may stay null, and the output's manifest.json records the settings the next stage needs.
+    """
+
+    experts: Optional[List[str]] = None
+    """Dense expert checkpoint directories; null = <run.dir>/experts/<domain>/weights for
+    every data.domains entry, in that order. Given one per domain, they are taken in
+    data.domains order (router_init=data uses that)."""
+    include_seed: bool = True
+    """Add the seed as one more ("generalist") expert, as the paper does (the last expert)."""
+    seed_checkpoint: Optional[str] = None
+    """null = <run.dir>/seed/weights."""
+    out: Optional[str] = None
+    """null = <run.dir>/btx/mixed (mix) or <run.dir>/baselines/upcycle/mixed (upcycle). Must not
+    exist, unless it is a complete output (then the stage is skipped)."""
+    average_weights: Optional[List[float]] = None
+    """Per-source weights for averaging the non-FFN parameters, experts first then the seed;
+    normalised to sum 1; null = uniform."""
+    router_init: str = choice("random", "random", "zeros", "data")
+    """random (the paper), zeros (uniform routing), or data: each expert's mean hidden state
+    on a few samples of its own domain (like mergekit's hidden-state gates)."""
+    router_init_batches: int = 2
+    """router_init=data: validation batches per domain used for the mean hidden states."""
+    split_experts: int = 1
+    """Cut every expert's FFN into this many chunks C (the paper's split-experts ablation):
+    N*C experts of FFN size ffn_hidden_size/C, routed top-(k*C)."""
+    blended: bool = False
+    """The paper's blended-experts ablation: each of the N experts is made of one 1/N chunk of
+    every source FFN, so no expert keeps a domain identity (see nemo_btx/mixing/experts.py)."""
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     """Where the experiment lives: every stage reads and writes only this directory."""
 
@@ -250,6 +294,7 @@ class ExperimentConfig:
     seed: SeedConfig = field(default_factory=SeedConfig)
     expert: ExpertConfig = field(default_factory=ExpertConfig)
     job: JobConfig = field(default_factory=JobConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
     domain: Optional[str] = None
     """train-expert: the domain to train (a data.domains name)."""
     domain_index: Optional[int] = None

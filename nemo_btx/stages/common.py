@@ -54,3 +54,25 @@ def resolve_domain(cfg: ExperimentConfig) -> str:
 
 def expert_dir(cfg: ExperimentConfig, domain: str) -> Path:
     return run_dir(cfg) / "experts" / domain
+
+
+def expert_table(cfg: ExperimentConfig) -> str:
+    """Validation perplexity per domain of the seed and each finished expert (Markdown).
+
+    The paper's Table 1 pattern on a small scale: each expert should beat the seed on its own
+    domain and lose ground on the others (forgetting).
+    """
+    import json
+    import math
+
+    names = domain_names(cfg)
+    rows = [("seed", run_dir(cfg) / "seed")] + [(f"expert:{d}", expert_dir(cfg, d)) for d in names]
+    lines = ["| model | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for label, path in rows:
+        manifest = path / "manifest.json"
+        if not manifest.is_file():
+            continue
+        valid = json.loads(manifest.read_text()).get("valid_loss") or {}
+        cells = [f"{math.exp(valid[d]):.2f}" if d in valid else "-" for d in names]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -10,7 +10,8 @@ import logging
 
 from nemo_btx.config.schema import ExperimentConfig
 from nemo_btx.errors import BtxError
-from nemo_btx.stages.common import domain_names, expert_dir, require_data, resolve_domain, run_dir
+from nemo_btx.stages.common import (
+    domain_names, expert_dir, expert_table, require_data, resolve_domain, run_dir)
 
 log = logging.getLogger(__name__)
 
@@ -44,3 +45,5 @@ def run(cfg: ExperimentConfig) -> None:
         run_training(scfg, job, rt, data.global_batch, valid)
     finally:
         shutdown()
+    if rt.is_main:
+        log.info("validation perplexity (seed and experts so far):\n%s", expert_table(cfg))

@@ -86,6 +86,45 @@ def read_marker(path: Path) -> dict:
         raise CheckpointError(f"{path / MARKER}: unreadable ({err})") from None
 
 
+def verify_files(path: Path) -> None:
+    """Every shard file the checkpoint's metadata refers to exists and is long enough.
+
+    Cheap (reads only the metadata) and catches the common corruptions, a missing or truncated
+    shard from an interrupted copy, with a message naming the file, before any rank starts a
+    collective load that would fail deep inside torch.distributed.checkpoint.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+
+    path = Path(path)
+    try:
+        metadata = FileSystemReader(str(path)).read_metadata()
+    except Exception as err:
+        raise CheckpointError(f"{path}: unreadable checkpoint metadata (.metadata): {err}") from None
+    needed: Dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{f}: shard missing from the checkpoint")
+        if f.stat().st_size < size:
+            raise CheckpointError(f"{f}: shard truncated ({f.stat().st_size} bytes, the metadata "
+                                  f"needs {size})")
+
+
+def _load(template: dict, path: Path) -> dict:
+    """dist_checkpointing.load with every failure turned into one CheckpointError line."""
+    from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    verify_files(path)
+    try:
+        return dist_checkpointing.load(template, str(path))
+    except (Exception, CheckpointException) as err:  # CheckpointException is a BaseException
+        lines = [x for x in str(err).splitlines() if x.strip() and "Traceback" not in x]
+        raise CheckpointError(f"{path}: cannot load: {(lines[-1] if lines else repr(err))[:500]}") from None
+
+
 def _write(path: Path, state: dict, marker: dict) -> None:
     """Collective save into a temporary sibling, then rename: readers never see half a checkpoint."""
     from megatron.core import dist_checkpointing
@@ -162,17 +201,11 @@ def load_model_weights(chunks: List[torch.nn.Module], directory: Path, model_cfg
     Works for weights-only directories and full training checkpoints alike (the optimizer part
     of a full checkpoint is simply not requested).
     """
-    from megatron.core import dist_checkpointing
-
     marker = read_marker(directory)
     if model_cfg is not None:
         check_compatible(Path(directory), marker, model_cfg)
     sharded = model_sharded_state_dict(chunks)
-    try:
-        loaded = dist_checkpointing.load(sharded, str(directory))
-    except Exception as err:  # CheckpointingException, missing keys, shape mismatches, I/O
-        raise CheckpointError(f"{directory}: cannot load model weights: "
-                              f"{str(err).splitlines()[0][:500]}") from err
+    loaded = _load(sharded, Path(directory))
     for name, chunk in zip(sharded, chunks):  # dicts keep insertion order: model0, model1, ...
         missing, unexpected = unwrap(chunk).load_state_dict(loaded[name], strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state")]
@@ -280,8 +313,6 @@ def load_training_checkpoint(path: Path, chunks, optimizer, scheduler, model_cfg
     RNG state is restored only when the layout is the one it was saved at (each rank's stream
     belongs to that rank); at another layout the run reseeds from (seed, step) instead.
     """
-    from megatron.core import dist_checkpointing
-
     marker = read_marker(path)
     if marker.get("kind") != "training":
         raise CheckpointError(f"{path}: a {marker.get('kind')!r} checkpoint, not a training one")
@@ -291,10 +322,7 @@ def load_training_checkpoint(path: Path, chunks, optimizer, scheduler, model_cfg
     template = _training_state(chunks, optimizer, scheduler, 0, {}, loading=True)
     if not same_layout:
         template.pop("rng")
-    try:
-        loaded = dist_checkpointing.load(template, str(path))
-    except Exception as err:
-        raise CheckpointError(f"{path}: cannot load: {str(err).splitlines()[0][:500]}") from err
+    loaded = _load(template, Path(path))
     for name, chunk in zip(model_sharded_state_dict(chunks), chunks):
         unwrap(chunk).load_state_dict(loaded[name], strict=False)
     optimizer.load_state_dict(loaded["optimizer"])
@@ -315,6 +343,7 @@ def read_tensors(path: Path) -> Dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
     read_marker(path)
+    verify_files(path)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
         state = _load_state_dict_from_keys(checkpoint_id=str(path))

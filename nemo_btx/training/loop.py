@@ -151,9 +151,6 @@ def run_training(cfg: ExperimentConfig, job: TrainJob, rt,
 
     out, t, stage = Path(job.out_dir), cfg.train, job.stage
     ckpt_root = out / "checkpoints"
-    if rt.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "config.yaml", to_yaml(cfg))
     ckpt.clean_incomplete(ckpt_root)
 
     chunks = build_model(cfg)
@@ -172,6 +169,10 @@ def run_training(cfg: ExperimentConfig, job: TrainJob, rt,
         ckpt.load_model_weights(chunks, job.init_from, cfg.model)
         log.info("%s: initialised from %s", job.name, job.init_from)
 
+    # Only now, with every input loaded, does the run write anything of its own.
+    if rt.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "config.yaml", to_yaml(cfg))
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), rt.dp_size
     tokens_per_step = t.global_batch_size * cfg.model.seq_length
     flops_per_token = model_flops_per_token(cfg.model)

@@ -42,8 +42,11 @@ def run(out, extra=(), nproc=None):
 
 def kill_at(out, step, extra=()):
     """Start a run and SIGKILL it once metrics.jsonl shows `step` finished steps."""
+    # Own session: the SIGKILL goes to the whole process group (as Slurm kills a job step),
+    # including megatron's checkpoint-writer helper processes.
     proc = subprocess.Popen([sys.executable, str(WORKER), str(out), *TINY, *extra], cwd=REPO,
-                            env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
     deadline = time.time() + 240
     metrics = out / "metrics.jsonl"
     while time.time() < deadline and proc.poll() is None:
@@ -51,7 +54,7 @@ def kill_at(out, step, extra=()):
             break
         time.sleep(0.02)
     assert proc.poll() is None, f"run ended before step {step}: {proc.stderr.read()[-3000:]}"
-    os.kill(proc.pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "manifest.json").exists()
 

@@ -1,0 +1,199 @@
+"""The run's tokenizer: a byte-level BPE trained on the domains, or a Hugging Face tokenizer.json.
+
+Every stage that turns text into ids (data, evaluation, export) loads the one copy saved at
+``<run.dir>/tokenizer/tokenizer.json``, so the ids in the datasets, the model's embedding and the
+evaluation prompts always agree. The tiny default trains its own (`kind=bpe`): no hub is
+reachable, and a vocabulary fitted to the three domains keeps sequences short. A real recipe
+loads the seed model's (`kind=hf`, e.g. Llama-2's `tokenizer.json`), because the seed's embedding
+rows are indexed by it.
+
+Byte-level BPE never meets an unknown character, so decode(encode(text)) == text for any text;
+that is what lets the tests check the datasets token for token. Training is deterministic: the
+initial alphabet is the 256 byte symbols in a fixed order and merges are ranked by count, ties
+by symbol ids, which do not depend on hash order.
+
+Documents are separated by one end-of-document id appended after each (`eod_id`). The text of a
+document is encoded with special-token matching switched off, so a literal "<|endoftext|>" inside
+a document is ordinary text and never a document boundary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Iterable, List, Optional
+
+from nemo_btx.artifacts import read_json, write_json_atomic
+from nemo_btx.config.schema import ExperimentConfig, ModelConfig, TokenizerConfig
+from nemo_btx.errors import BtxError, ConfigError
+
+log = logging.getLogger(__name__)
+
+BPE_EOD = "<|endoftext|>"
+#: End-of-document candidates tried in order for a kind=hf tokenizer without data.tokenizer.eod_token.
+HF_EOD_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>")
+TOKENIZER_DIR = "tokenizer"
+TOKENIZER_FILE = "tokenizer.json"
+META_FILE = "meta.json"
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus the end-of-document id: the only tokenizer API stages use."""
+
+    def __init__(self, backend, eod_token: str, kind: str = "bpe"):
+        ids = backend.token_to_id(eod_token)
+        if ids is None:
+            raise BtxError(f"the tokenizer has no end-of-document token {eod_token!r}")
+        self._tok = backend
+        # Documents are raw text: special tokens written inside them must not be matched.
+        self._tok.encode_special_tokens = True
+        self.eod_token = eod_token
+        self.eod_id: int = ids
+        self.kind = kind
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids the tokenizer can produce (added/special tokens included)."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> List[int]:
+        """Ids of `text`, without the end-of-document id and without BOS/EOS templates."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: List[str]) -> List[List[int]]:
+        """`encode` over many documents at once (parallel in the Rust library)."""
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: List[int]) -> str:
+        """Text of `ids`; special tokens (such as the end-of-document token) are kept as text."""
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    def to_str(self) -> str:
+        return self._tok.to_str()
+
+    @property
+    def sha256(self) -> str:
+        """Hash of the serialised tokenizer: data manifests record it to detect a mismatch."""
+        return hashlib.sha256(self.to_str().encode("utf-8")).hexdigest()
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, *, length: Optional[int] = None) -> Tokenizer:
+    """A byte-level BPE with at most `vocab_size` ids (256 bytes + <|endoftext|> + merges)."""
+    from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 257:
+        raise ConfigError("model.vocab_size", vocab_size,
+                          "a byte-level BPE needs at least 257 ids (256 bytes + end-of-document)")
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[BPE_EOD], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), min_frequency=2)
+    backend.train_from_iterator(texts, trainer=trainer, length=length)
+    return Tokenizer(backend, BPE_EOD, kind="bpe")
+
+
+def hf_tokenizer_file(path: Optional[str]) -> Path:
+    if not path:
+        raise ConfigError("data.tokenizer.path", path, "kind=hf needs the path of a tokenizer.json "
+                          "file or of a directory holding one")
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / TOKENIZER_FILE
+    if not p.is_file():
+        raise ConfigError("data.tokenizer.path", path, f"no tokenizer.json at {p}")
+    return p
+
+
+def load_hf(tcfg: TokenizerConfig) -> Tokenizer:
+    """A Hugging Face `tokenizer.json` (any model type) with its end-of-document token."""
+    from tokenizers import Tokenizer as Backend
+
+    path = hf_tokenizer_file(tcfg.path)
+    try:
+        backend = Backend.from_file(str(path))
+    except Exception as err:  # the Rust library raises a bare Exception on a malformed file
+        raise ConfigError("data.tokenizer.path", tcfg.path, f"not a Hugging Face tokenizer.json: {err}") from None
+    if tcfg.eod_token is not None:
+        if backend.token_to_id(tcfg.eod_token) is None:
+            raise ConfigError("data.tokenizer.eod_token", tcfg.eod_token, f"{path} has no such token")
+        return Tokenizer(backend, tcfg.eod_token, kind="hf")
+    for candidate in HF_EOD_CANDIDATES:
+        if backend.token_to_id(candidate) is not None:
+            return Tokenizer(backend, candidate, kind="hf")
+    raise ConfigError("data.tokenizer.eod_token", None,
+                      f"{path} has none of {', '.join(HF_EOD_CANDIDATES)}; name its end-of-document token")
+
+
+def check_vocab(tokenizer: Tokenizer, model: ModelConfig) -> None:
+    """The model's embedding must have a row for every id the tokenizer can produce."""
+    if tokenizer.vocab_size > model.vocab_size:
+        raise ConfigError("model.vocab_size", model.vocab_size,
+                          f"the tokenizer has {tokenizer.vocab_size} tokens, more than "
+                          f"model.vocab_size={model.vocab_size}; set model.vocab_size to at least "
+                          f"{tokenizer.vocab_size}")
+
+
+def make_tokenizer(cfg: ExperimentConfig, train_texts: Iterable[str], *, length: Optional[int] = None) -> Tokenizer:
+    """The configured tokenizer, in memory: trained on `train_texts` (bpe) or loaded (hf)."""
+    tcfg = cfg.data.tokenizer
+    if tcfg.kind == "hf":
+        tok = load_hf(tcfg)
+    else:
+        if tcfg.eod_token not in (None, BPE_EOD):
+            raise ConfigError("data.tokenizer.eod_token", tcfg.eod_token,
+                              f"kind=bpe always uses {BPE_EOD}; leave it null")
+        tok = train_bpe(train_texts, cfg.model.vocab_size, length=length)
+    check_vocab(tok, cfg.model)
+    return tok
+
+
+def tokenizer_dir(run_dir) -> Path:
+    return Path(run_dir) / TOKENIZER_DIR
+
+
+def save_tokenizer(tokenizer: Tokenizer, run_dir) -> Path:
+    """Write `<run_dir>/tokenizer/` (tokenizer.json + meta.json) atomically; return its path.
+
+    The directory is assembled under a temporary name and renamed into place, so a reader sees
+    the old tokenizer or the new one, never half of one.
+    """
+    from nemo_btx.data.indexed import make_tmp_dir
+
+    final = tokenizer_dir(run_dir)
+    tmp = make_tmp_dir(final.parent, f".{TOKENIZER_DIR}.")
+    try:
+        text = tokenizer.to_str()
+        (tmp / TOKENIZER_FILE).write_text(text, encoding="utf-8")
+        write_json_atomic(tmp / META_FILE, {
+            "kind": tokenizer.kind, "eod_token": tokenizer.eod_token, "eod_id": tokenizer.eod_id,
+            "vocab_size": tokenizer.vocab_size, "sha256": tokenizer.sha256})
+        if final.exists():
+            old = final.with_name(f".{TOKENIZER_DIR}.old.{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def load_tokenizer(run_dir) -> Tokenizer:
+    """The tokenizer a data stage saved in `<run_dir>/tokenizer/`."""
+    from tokenizers import Tokenizer as Backend
+
+    d = tokenizer_dir(run_dir)
+    if not (d / META_FILE).is_file() or not (d / TOKENIZER_FILE).is_file():
+        raise BtxError(f"no tokenizer in {d}: run the data stage first (nemo-btx data run.dir={run_dir})")
+    meta = read_json(d / META_FILE)
+    tok = Tokenizer(Backend.from_file(str(d / TOKENIZER_FILE)), meta["eod_token"], kind=meta["kind"])
+    if tok.eod_id != meta["eod_id"]:
+        raise BtxError(f"{d}: the end-of-document id in meta.json does not match tokenizer.json")
+    return tok

@@ -1,0 +1,35 @@
+"""Stage `mix`: the domain experts (and the seed as the generalist) become one MoE checkpoint.
+
+Run it as a job at the layout the MoE will train at (e.g. `torchrun --nproc_per_node 8 -m
+nemo_btx.cli mix parallel.ep=4 parallel.tp=2`): each rank reads only the slices it writes.
+Output: <run.dir>/btx/mixed (or mix.out), a megatron-core checkpoint with manifest.json.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from nemo_btx.config.schema import ExperimentConfig
+
+log = logging.getLogger(__name__)
+
+
+def _validation_batches(cfg: ExperimentConfig):
+    """router_init=data: held-out batches of each source's domains (the seed: all of them)."""
+    from pathlib import Path
+
+    from nemo_btx.data.loader import validation_batches
+
+    def batches_for(source):
+        return [b for domain in source.domains
+                for b in validation_batches(cfg, Path(cfg.run.dir), domain, cfg.mix.router_init_batches)]
+    return batches_for
+
+
+def run(cfg: ExperimentConfig) -> None:
+    from nemo_btx.mixing.job import run_plan
+    from nemo_btx.mixing.plan import plan_mix
+
+    plan = plan_mix(cfg)
+    batches = _validation_batches(cfg) if plan.router_init == "data" else None
+    run_plan(cfg, plan, batches)
