@@ -155,12 +155,13 @@ def _reduce_loss(losses: List[Dict[str, torch.Tensor]]) -> float:
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and losses:
         value[0] = float(torch.stack([d["lm loss"] for d in losses]).mean())
         # Mean over data-parallel ranks (each saw a different slice of the global batch).
-        torch.distributed.all_reduce(value, group=parallel_state.get_data_parallel_group())
-        value /= parallel_state.get_data_parallel_world_size()
+        if parallel_state.get_data_parallel_world_size() > 1:
+            torch.distributed.all_reduce(value, group=parallel_state.get_data_parallel_group())
+            value /= parallel_state.get_data_parallel_world_size()
     # Pipeline ranks other than the last hold no loss: broadcast it from the last stage.
-    pp_group = parallel_state.get_pipeline_model_parallel_group()
-    last = parallel_state.get_pipeline_model_parallel_last_rank()
-    torch.distributed.broadcast(value, src=last, group=pp_group)
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        torch.distributed.broadcast(value, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                                    group=parallel_state.get_pipeline_model_parallel_group())
     return float(value[0])
 
 
