@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import clean_env
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -31,7 +33,7 @@ def test_readme_run_command_runs_the_main_job(tmp_path):
     proc = subprocess.run(
         ["make", "-C", str(REPO), "run", f"VENV={sys.prefix}",
          f"ARGS=run.dir={tmp_path} smoke.steps=6"],
-        capture_output=True, text=True, timeout=600)
+        capture_output=True, text=True, timeout=600, env=clean_env())
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     result = json.loads((tmp_path / "smoke" / "result.json").read_text())
     assert set(result["results"]) == {"dense", "moe"}

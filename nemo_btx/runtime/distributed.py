@@ -89,12 +89,13 @@ def init_runtime(cfg: ExperimentConfig, *, timeout_minutes: int = 10) -> Runtime
         device = torch.device("cuda", local_rank)
 
     if not torch.distributed.is_initialized():
-        if "MASTER_ADDR" not in os.environ:
-            # A plain single process: megatron-core still needs a process group.
-            os.environ["MASTER_ADDR"] = "127.0.0.1"
-            os.environ["MASTER_PORT"] = str(_free_port())
+        # Launched by torchrun/srun: rendezvous through MASTER_ADDR/PORT. A plain process gets
+        # a private one-rank group on a free loopback port (megatron-core needs a group), and
+        # ignores any MASTER_* its environment happens to carry.
+        launched = "WORLD_SIZE" in os.environ
         torch.distributed.init_process_group(
             backend=backend, rank=rank, world_size=world_size,
+            init_method="env://" if launched else f"tcp://127.0.0.1:{_free_port()}",
             timeout=datetime.timedelta(minutes=timeout_minutes),
         )
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import REPO, clean_env
 
@@ -112,3 +113,22 @@ def test_bad_inputs_fail_before_any_step(run_dir, tmp_path):
     # Unknown domain and missing data.
     _one_line_error(cli(broken, "train-expert", "domain=poetry", check=False), "domain='poetry'")
     _one_line_error(cli(tmp_path / "empty", "seed", check=False), "nemo-btx data")
+
+
+@pytest.mark.slow
+def test_seed_adopts_an_existing_checkpoint_and_train_runs_on_chosen_domains(run_dir, tmp_path):
+    from nemo_btx.training.checkpoint import read_tensors
+
+    other = tmp_path / "adopted"
+    shutil.copytree(run_dir / "data", other / "data")
+    shutil.copytree(run_dir / "tokenizer", other / "tokenizer")
+    cli(other, "seed", f"seed.checkpoint={run_dir / 'experts' / 'math' / 'weights'}")
+    a, b = read_tensors(run_dir / "experts" / "math" / "weights"), read_tensors(other / "seed" / "weights")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((other / "seed" / "manifest.json").read_text())["adopted_from"].endswith("weights")
+    # A plain run on one domain from those weights, through `nemo-btx train`.
+    cli(other, "train", "job.domains=[wiki]", f"job.init={other / 'seed' / 'weights'}",
+        "train.train_iters=6", "train.warmup_iters=1", "job.eval_interval=3", "job.save_interval=3")
+    manifest = json.loads((other / "train" / "manifest.json").read_text())
+    assert manifest["domains"] == ["wiki"] and manifest["steps"] == 6
+    assert set(manifest["valid_loss"]) == set(DOMAINS)
