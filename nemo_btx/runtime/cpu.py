@@ -672,6 +672,65 @@ def redirect_gloo_uneven_collectives() -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# 10. torch_adam_step_state
+# --------------------------------------------------------------------------------------------
+
+
+def redirect_torch_adam_step_state() -> None:
+    """Resuming a DistributedOptimizer works with torch's Adam (no Apex/TE, i.e. on CPU).
+
+    Without Apex/TE megatron steps ``torch.optim.Adam``, which keeps a per-parameter ``step``
+    tensor, and the DistributedOptimizer load path breaks on it twice: building the sharded
+    state dict of a never-stepped optimizer asserts on the missing ``step`` (``state_dict()``:
+    ``assert len(steps) == 1``), and ``load_parameter_state_from_fully_reshardable`` copies
+    every key of the live state from the checkpoint's tensors, which carry no ``step``
+    (``KeyError: 'step'``); and ``load_state_dict`` hands the same ``step`` tensor to every
+    parameter, which torch's Adam then increments once per parameter (a resumed run's bias
+    correction jumps ahead: measured step 11 instead of 4). Fix: give a fresh optimizer zero
+    Adam state (overwritten by the load) before the sharded state dict is built, and in the
+    per-parameter copy give each parameter its own copy of the restored ``step``.
+    """
+    distrib_optimizer = _import("megatron.core.optimizer.distrib_optimizer")
+    cls = distrib_optimizer.DistributedOptimizer
+    if getattr(distrib_optimizer, "HAVE_APEX_OR_TE", False):
+        return  # Fused Adam keeps no per-parameter step: nothing to fix
+    if getattr(cls.sharded_state_dict, "__nemo_btx_cpu__", False):
+        return
+
+    original_sd = cls.sharded_state_dict
+    original_set = cls._set_main_param_and_optimizer_states
+
+    @functools.wraps(original_sd)
+    def sharded_state_dict(self, model_sharded_state_dict, is_loading=False, metadata=None):
+        if is_loading:
+            for group in self.optimizer.param_groups:
+                for p in group["params"]:
+                    state = self.optimizer.state[p]
+                    if "step" not in state:
+                        state["step"] = torch.zeros((), dtype=torch.float32)
+                        state.setdefault("exp_avg", torch.zeros_like(p.data))
+                        state.setdefault("exp_avg_sq", torch.zeros_like(p.data))
+        return original_sd(self, model_sharded_state_dict, is_loading=is_loading, metadata=metadata)
+
+    @functools.wraps(original_set)
+    def _set_main_param_and_optimizer_states(self, model_param, tensors):
+        if "step" not in tensors:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+            state = self.optimizer.state[main_param]
+            if "step" in state:
+                # load_state_dict put ONE step tensor into every parameter's state; torch's
+                # Adam increments it in place per parameter, so it must not be shared.
+                state["step"] = state["step"].clone()
+                tensors = {**tensors, "step": state["step"]}
+        return original_set(self, model_param, tensors)
+
+    sharded_state_dict.__nemo_btx_cpu__ = True  # type: ignore[attr-defined]
+    cls.sharded_state_dict = sharded_state_dict
+    cls._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
+
+
+# --------------------------------------------------------------------------------------------
 # Registry and entry point
 # --------------------------------------------------------------------------------------------
 
@@ -697,6 +756,7 @@ REDIRECTIONS: "OrderedDict[str, Redirection]" = OrderedDict(
         ("torch_norm_sequence_parallel", _entry(redirect_torch_norm_sequence_parallel)),
         ("distributed_optimizer_param_type", _entry(redirect_distributed_optimizer_param_type)),
         ("gloo_uneven_collectives", _entry(redirect_gloo_uneven_collectives)),
+        ("torch_adam_step_state", _entry(redirect_torch_adam_step_state)),
     ]
 )
 

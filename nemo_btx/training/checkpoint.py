@@ -54,10 +54,13 @@ def model_sharded_state_dict(chunks: List[torch.nn.Module]) -> Dict[str, dict]:
 
 
 def _optimizer_metadata(optimizer) -> dict:
-    # fully_sharded_model_space: distributed-optimizer state stored per model tensor, so it
-    # reshards to other TP/PP/DP layouts like the weights do.
-    return {"distrib_optim_sharding_type": "fully_sharded_model_space",
-            "chained_optim_avoid_prefix": True}
+    # fully_reshardable: distributed-optimizer state is stored per model tensor, so it reshards
+    # to other TP/PP/DP layouts like the weights do (megatron-core 0.16's recommended format;
+    # fully_sharded_model_space is deprecated and refuses flattened ranges).
+    # The memory-efficient variant gathers over the gloo data-parallel groups (CPU tensors);
+    # the other one moves shards to CUDA for NCCL, so it is the choice on GPUs only.
+    return {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True,
+            "distrib_optim_fully_reshardable_mem_efficient": not torch.cuda.is_available()}
 
 
 def _rank0() -> bool:

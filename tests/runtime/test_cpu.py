@@ -150,11 +150,12 @@ def _skip_job(single, name):
 # ------------------------------------------------------------------------------------------
 
 
-def test_registry_lists_the_nine_redirections_with_reasons():
+def test_registry_lists_the_ten_redirections_with_reasons():
+    # torch_adam_step_state is tested in tests/training/test_resume.py (DistOpt resume).
     assert ALL == [
         "current_device", "rng_state", "streams_events", "te_general_gemm",
         "alltoall_split_sizes", "cuda_factories", "torch_norm_sequence_parallel",
-        "distributed_optimizer_param_type", "gloo_uneven_collectives",
+        "distributed_optimizer_param_type", "gloo_uneven_collectives", "torch_adam_step_state",
     ]
     for name, (why, fn) in cpu.REDIRECTIONS.items():
         assert callable(fn) and fn.__name__ == f"redirect_{name}"

@@ -110,3 +110,32 @@ def test_incomplete_checkpoint_is_never_loaded(tmp_path):
         ckpt.read_marker(root / "step-000003")
     ckpt.clean_incomplete(root)
     assert list(root.iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.timeout(600)
+def test_distributed_optimizer_resume_at_dp2(tmp_path):
+    """Distributed optimizer (state sharded over DP=2): resuming from a mid-run checkpoint
+    reproduces the uninterrupted run, so its sharded state round-trips through the checkpoint
+    (this caught megatron sharing one Adam `step` tensor across parameters after a load)."""
+    import shutil
+
+    extra = ["parallel.distributed_optimizer=true", "model.moe.num_experts=4"]
+    run(tmp_path, extra, nproc=2)
+    first, _ = losses(tmp_path)
+    final = weights(tmp_path)
+    # Roll the run back to its step-9 checkpoint, as if it had died after saving it.
+    shutil.rmtree(tmp_path / "checkpoints" / "step-000012")
+    shutil.rmtree(tmp_path / "weights")
+    (tmp_path / "manifest.json").unlink()
+    # Necessity of runtime/cpu.py's torch_adam_step_state: without it this resume breaks.
+    with pytest.raises(AssertionError, match=r"KeyError: 'step'|assert len\(steps\) == 1"):
+        run_torchrun(WORKER, [tmp_path, *TINY, *extra], nproc=2,
+                     env=clean_env(NEMO_BTX_CPU_SKIP="torch_adam_step_state"))
+    run(tmp_path, extra, nproc=2)
+    again, _ = losses(tmp_path)
+    assert again == first
+    resumed = weights(tmp_path)
+    for key in final:
+        assert torch.equal(final[key], resumed[key]), key
