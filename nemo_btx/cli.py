@@ -36,7 +36,7 @@ COMMANDS: Dict[str, Tuple[str, Optional[str], str]] = {
     "mix": ("merge the experts into one megatron-core MoE checkpoint", "nemo_btx.stages.mix:run", ""),
     "upcycle": ("sparse-upcycling baseline: the seed's FFN copied into every expert",
                 "nemo_btx.stages.upcycle:run", ""),
-    "finetune": ("train the MoE with top-k routing and load balancing", None, "issue 5"),
+    "finetune": ("train the MoE with top-k routing and load balancing", "nemo_btx.stages.finetune:run", ""),
     "eval": ("lm-eval tasks, BTM ensemble and domain perplexity", None, "issue 6"),
     "report": ("Markdown/HTML/JSON comparison report", None, "issue 7"),
     "launch": ("render and submit the Slurm job chain", None, "issue 8"),
@@ -104,9 +104,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         from nemo_btx.config import load_config, validate
 
         cfg = load_config(args.overrides, config_name=args.config_name)
+        module_name, func = target.split(":")
+        module = importlib.import_module(module_name)
+        # A stage whose model comes from its input checkpoint (finetune) resolves it first,
+        # so the layout is validated against the model that will actually be built.
+        if hasattr(module, "resolve"):
+            cfg = module.resolve(cfg)
         validate(cfg)
-        module, func = target.split(":")
-        fn: Callable = getattr(importlib.import_module(module), func)
+        fn: Callable = getattr(module, func)
         fn(cfg)
         return 0
     except ConfigError as err:

@@ -102,6 +102,10 @@ def check_model(cfg: ExperimentConfig) -> None:
         if not 1 <= moe.router_topk <= moe.num_experts:
             raise ConfigError("model.moe.router_topk", moe.router_topk,
                               f"must be between 1 and model.moe.num_experts={moe.num_experts}")
+        if moe.router_topk == 1 and not moe.router_pre_softmax:
+            raise ConfigError("model.moe.router_pre_softmax", moe.router_pre_softmax,
+                              "top-1 routing needs softmax before top-k (true): a softmax over one "
+                              "chosen logit is always 1 and gives the router no gradient")
         if moe.capacity_factor is not None and moe.capacity_factor <= 0:
             raise ConfigError("model.moe.capacity_factor", moe.capacity_factor,
                               "must be > 0, or null for no token dropping")

@@ -8,7 +8,7 @@ an MoE expert's in the mix stage.
 from __future__ import annotations
 
 import logging
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -127,11 +127,14 @@ def layer_spec(cfg: ExperimentConfig):
         num_experts=moe.num_experts, moe_grouped_gemm=False, normalization=cfg.model.normalization)
 
 
-def build_model(cfg: ExperimentConfig, *, wrap_ddp: bool = True) -> List[torch.nn.Module]:
+def build_model(cfg: ExperimentConfig, *, wrap_ddp: bool = True,
+                frozen: Optional[Callable[[str], bool]] = None) -> List[torch.nn.Module]:
     """One GPTModel chunk per virtual pipeline stage of this rank (a list of 1 without VP).
 
     Call after `runtime.init_runtime`. With `wrap_ddp`, chunks come wrapped in megatron's
     DistributedDataParallel, which owns the contiguous grad buffers the optimizer needs.
+    `frozen(name)` marks parameters that must not train; it runs before DDP so frozen
+    parameters get no gradient buffer and the optimizer never sees them.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -162,6 +165,10 @@ def build_model(cfg: ExperimentConfig, *, wrap_ddp: bool = True) -> List[torch.n
             from megatron.core.transformer.module import Float16Module
 
             model = Float16Module(tconfig, model)
+        if frozen is not None:
+            for name, param in model.named_parameters():
+                if frozen(name):
+                    param.requires_grad_(False)
         chunks.append(model)
     if wrap_ddp:
         chunks = wrap_in_ddp(cfg, chunks)

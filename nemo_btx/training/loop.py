@@ -46,6 +46,8 @@ class TrainJob:
     stage: TrainStageConfig = field(default_factory=TrainStageConfig)
     parent: Optional[str] = None
     """Recorded in the manifest: what this model was trained from."""
+    frozen: Optional[Callable[[str], bool]] = None
+    """Parameter names that must not train (e.g. the experts in the frozen-experts ablation)."""
     ledger: Optional[Path] = None
     """The experiment's compute ledger (<run.dir>/ledger.jsonl); None = <out_dir>/ledger.jsonl."""
 
@@ -121,15 +123,22 @@ def _progress(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
 
-def evaluate(cfg: ExperimentConfig, chunks, valid: Dict[str, list], device, dp_rank, dp_size) -> Dict[str, float]:
-    """Mean validation loss per domain over its fixed held-out batches."""
+def evaluate(cfg: ExperimentConfig, chunks, valid: Dict[str, list], device, dp_rank, dp_size,
+             recorder=None) -> Dict[str, float]:
+    """Mean validation loss per domain over its fixed held-out batches.
+
+    With a RoutingRecorder (MoE models), also counts where each domain's tokens are routed.
+    """
+    from contextlib import nullcontext
+
     from nemo_btx.training.batches import rank_microbatches
     from nemo_btx.training.step import eval_loss
 
     out = {}
     for domain, batches in valid.items():
-        losses = [eval_loss(cfg, chunks, rank_microbatches(cfg, b, dp_rank, dp_size, device))
-                  for b in batches]
+        with recorder.domain(domain) if recorder is not None else nullcontext():
+            losses = [eval_loss(cfg, chunks, rank_microbatches(cfg, b, dp_rank, dp_size, device))
+                      for b in batches]
         out[domain] = sum(losses) / len(losses)
     return out
 
@@ -153,7 +162,7 @@ def run_training(cfg: ExperimentConfig, job: TrainJob, rt,
     ckpt_root = out / "checkpoints"
     ckpt.clean_incomplete(ckpt_root)
 
-    chunks = build_model(cfg)
+    chunks = build_model(cfg, frozen=job.frozen)
     optimizer, scheduler = build_optimizer(cfg, chunks)
     attach_megatron_hooks(chunks, optimizer)
 
@@ -213,7 +222,20 @@ def run_training(cfg: ExperimentConfig, job: TrainJob, rt,
         metrics.close()
 
     wall = time.perf_counter() - t0
-    if not last_valid and valid:
+    routing = None
+    if valid and cfg.model.moe.num_experts is not None:
+        # A final pass over every domain with the routers observed: the routing analysis.
+        from nemo_btx.training.routing import RoutingRecorder
+
+        recorder = RoutingRecorder(chunks)
+        last_valid = evaluate(cfg, chunks, valid, rt.device, dp_rank, dp_size, recorder)
+        routing = recorder.fractions()
+        recorder.close()
+        if rt.is_main:
+            write_json_atomic(out / "routing.json", {"domains": list(valid), "fractions": routing,
+                                                     "num_experts": cfg.model.moe.num_experts,
+                                                     "router_topk": cfg.model.moe.router_topk})
+    elif not last_valid and valid:
         last_valid = evaluate(cfg, chunks, valid, rt.device, dp_rank, dp_size)
     ckpt.save_model_weights(chunks, out / "weights", cfg.model, extra={"stage": job.name})
     tokens_run = steps_run * tokens_per_step
