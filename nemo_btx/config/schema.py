@@ -264,6 +264,32 @@ class MixConfig:
 
 
 @dataclass(kw_only=True)
+class FinetuneConfig(TrainStageConfig):
+    """Stage `finetune`: train a mixed (or upcycled) MoE on the weighted mixture of all domains.
+
+    The architecture comes from the checkpoint; the routing is chosen here (the paper's
+    variants), so one mixed checkpoint can be finetuned several ways.
+    """
+
+    train_iters: int = 100
+    """Optimizer steps of the MoE stage."""
+    init: Optional[str] = None
+    """MoE checkpoint to start from; null = <run.dir>/btx/mixed."""
+    out: Optional[str] = None
+    """null = <run.dir>/btx/finetuned."""
+    routing: str = choice("topk", "topk", "switch", "soft", "sample_top1")
+    """topk: token-choice top-k (model.moe.router_topk, top-2 by default) with softmax over the
+    chosen k; switch: top-1 with capacity factor `switch_capacity_factor` (tokens over capacity
+    are dropped); soft: every expert active; sample_top1: Gumbel-softmax sampling (not
+    available: megatron-core's router has no sampling hook, see the README)."""
+    switch_capacity_factor: float = 1.5
+    load_balancing: bool = True
+    """The load-balancing loss alpha*N*sum(u_i p_i) with alpha = model.moe.aux_loss_coeff."""
+    freeze_experts: bool = False
+    """Train only attention, norms, embeddings and routers (the paper's frozen-experts ablation)."""
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     """Where the experiment lives: every stage reads and writes only this directory."""
 
@@ -283,6 +309,36 @@ class SmokeConfig:
 
 
 @dataclass(kw_only=True)
+class EvalConfig:
+    """Stage `eval`: lm-eval tasks and held-out perplexity of one model of the run directory."""
+
+    model: str = "seed"
+    """seed | expert-<domain> | btx | upcycle | dense | btm-top1 | btm-top2 | all (every one
+    that exists), or a checkpoint directory."""
+    tasks: List[str] = field(default_factory=lambda: ["btx_gsm8k", "btx_humaneval", "btx_mmlu"])
+    """lm-eval tasks or groups from eval/ (an empty list: perplexity only)."""
+    limit: Optional[int] = 8
+    """Documents per task (per MMLU subject); null = the full sets (real runs)."""
+    perplexity: bool = True
+    """Per-domain held-out perplexity on the training loop's validation batches."""
+    perplexity_batches: Optional[int] = None
+    """Validation batches per domain; null = data.eval_iters."""
+    batch_size: int = 8
+    """Sequences per forward pass."""
+    max_gen_toks: Optional[int] = 128
+    """Cap on generated tokens per request, below the tasks' own (GSM8K 256, HumanEval 1024);
+    the tiny default keeps CPU evaluation short. null = the tasks' values (real runs)."""
+    data_dir: Optional[str] = None
+    """Local benchmark data (<dir>/gsm8k/*.jsonl) when no hub is reachable; null = $NEMO_BTX_EVAL_DATA
+    or the shared/data directory beside the repository."""
+    btm_prior: str = choice("uniform", "uniform", "estimate")
+    """BTM prior over experts: uniform, or estimated as the mean posterior on validation data."""
+    btm_routing: str = choice("posterior", "posterior", "tfidf")
+    """BTM expert weights: Bayes posterior given the context, or tf-idf similarity of the context
+    to each domain's training data."""
+
+
+@dataclass(kw_only=True)
 class ExperimentConfig:
     """The root config: one experiment = one run directory."""
 
@@ -295,8 +351,10 @@ class ExperimentConfig:
     expert: ExpertConfig = field(default_factory=ExpertConfig)
     job: JobConfig = field(default_factory=JobConfig)
     mix: MixConfig = field(default_factory=MixConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     domain: Optional[str] = None
     """train-expert: the domain to train (a data.domains name)."""
     domain_index: Optional[int] = None
     """train-expert: the domain by position in data.domains (what a Slurm array task has)."""
     smoke: SmokeConfig = field(default_factory=SmokeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
