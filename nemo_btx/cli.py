@@ -37,6 +37,8 @@ COMMANDS: Dict[str, Tuple[str, Optional[str], str]] = {
     "upcycle": ("sparse-upcycling baseline: the seed's FFN copied into every expert",
                 "nemo_btx.stages.upcycle:run", ""),
     "finetune": ("train the MoE with top-k routing and load balancing", "nemo_btx.stages.finetune:run", ""),
+    "baselines": ("sparse upcycling (data-/compute-matched) and dense baselines, matched to BTX",
+                  "nemo_btx.stages.baselines:run", ""),
     "eval": ("lm-eval tasks (GSM8K, HumanEval, MMLU), BTM ensemble and domain perplexity",
              "nemo_btx.stages.evaluate:run", ""),
     "report": ("Markdown/HTML/JSON comparison report", None, "issue 7"),

@@ -290,6 +290,20 @@ class FinetuneConfig(TrainStageConfig):
 
 
 @dataclass(kw_only=True)
+class BaselinesConfig(TrainStageConfig):
+    """Stage `baselines`: the paper's comparisons, trained by the same loop as BTX.
+
+    upcycle_data: the upcycled seed finetuned for as many steps (tokens) as BTX's MoE stage;
+    upcycle_compute: the upcycled seed given all the FLOPs BTX spent on its experts and its
+    finetune, all in the MoE stage; dense_compute: the seed continued on the same mixture
+    with that same FLOP budget. Budgets are read from the compute ledger."""
+
+    which: List[str] = field(default_factory=lambda: ["upcycle_data", "upcycle_compute", "dense_compute"])
+    upcycle: Optional[str] = None
+    """The upcycled MoE checkpoint; null = <run.dir>/baselines/upcycle/mixed."""
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     """Where the experiment lives: every stage reads and writes only this directory."""
 
@@ -352,6 +366,7 @@ class ExperimentConfig:
     job: JobConfig = field(default_factory=JobConfig)
     mix: MixConfig = field(default_factory=MixConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
     domain: Optional[str] = None
     """train-expert: the domain to train (a data.domains name)."""
     domain_index: Optional[int] = None

@@ -110,3 +110,51 @@ def test_ep2_finetune_reproduces_ep1(run_dir):
     assert len(a) == len(b) == 6
     for x, y in zip(a, b):
         assert x == pytest.approx(y, rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_baselines_match_btx_data_and_compute(run_dir):
+    """Budgets come from the ledger: data-matched = BTX's finetune steps; compute-matched =
+    (expert FLOPs + BTX finetune FLOPs) / FLOPs per step of the baseline's model."""
+    import shutil
+
+    from nemo_btx.config import load_config
+    from nemo_btx.model.build import model_flops_per_token
+    from nemo_btx.training.budget import btx_flops, read_ledger
+
+    cli(run_dir, "finetune", *FT)  # BTX's MoE stage (skipped if an earlier test ran it)
+    # Stand-ins for the earlier stages: a dense seed and an upcycled MoE (random weights), and
+    # the ledger lines three experts of 40 steps would have written.
+    for out, extra in ((run_dir / "seed" / "weights", []),
+                       (run_dir / "baselines" / "upcycle" / "mixed", ["model.moe.num_experts=4"])):
+        if not out.exists():
+            proc = subprocess.run([sys.executable, str(REPO / "tests" / "stages" / "make_moe.py"),
+                                   str(out), *SMALL, *extra], cwd=REPO, env=clean_env(),
+                                  capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg = load_config(SMALL)
+    tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
+    dense_per_step = model_flops_per_token(cfg.model) * tokens_per_step
+    if not any("experts" in e["out"] for e in read_ledger(run_dir)):
+        with open(run_dir / "ledger.jsonl", "a") as f:
+            for d in ("code", "math", "wiki"):
+                f.write(json.dumps({"stage": f"expert:{d}", "out": str(run_dir / "experts" / d),
+                                    "tokens": 40 * tokens_per_step, "flops": 40 * dense_per_step}) + "\n")
+    budget = btx_flops(run_dir)
+    finetune_flops = sum(e["flops"] for e in read_ledger(run_dir) if e["out"].endswith("btx/finetuned"))
+    assert budget == pytest.approx(120 * dense_per_step + finetune_flops)
+
+    cli(run_dir, "baselines", "baselines.eval_interval=1000", "baselines.save_interval=1000")
+    base = run_dir / "baselines"
+    data = json.loads((base / "upcycle" / "data_matched" / "manifest.json").read_text())
+    compute = json.loads((base / "upcycle" / "compute_matched" / "manifest.json").read_text())
+    dense = json.loads((base / "dense" / "manifest.json").read_text())
+    assert data["steps"] == 6                                   # = BTX finetune steps
+    moe_per_step = compute["train_flops_per_token"] * tokens_per_step
+    assert compute["steps"] == round(budget / moe_per_step)
+    assert dense["steps"] == round(budget / dense_per_step)
+    assert dense["steps"] > compute["steps"] > data["steps"]    # dense steps are cheapest
+    spent = {e["stage"]: e["flops"] for e in read_ledger(run_dir)}
+    assert spent["baseline:upcycle_compute"] == pytest.approx(budget, rel=0.1)
+    assert spent["baseline:dense_compute"] == pytest.approx(budget, rel=0.05)

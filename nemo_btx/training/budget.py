@@ -1,0 +1,47 @@
+"""Compute budgets from the ledger: what BTX spent, and how many steps a baseline may take.
+
+The paper compares BTX with baselines at equal compute: sparse upcycling gets all the FLOPs
+BTX spent on its experts plus its MoE finetune, in the MoE stage; the dense model gets the same
+budget as continued training. Every training segment appends its tokens and FLOPs (by formula)
+to <run.dir>/ledger.jsonl, so budgets are sums over that file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List
+
+from nemo_btx.config.schema import ModelConfig
+from nemo_btx.errors import BtxError
+from nemo_btx.model.build import model_flops_per_token
+
+
+def read_ledger(run_dir: Path) -> List[dict]:
+    path = Path(run_dir) / "ledger.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _under(path: str, root: Path) -> bool:
+    p, r = Path(path).resolve(), root.resolve()
+    return p == r or r in p.parents
+
+
+def btx_flops(run_dir: Path) -> float:
+    """FLOPs of the BTX-specific training: every expert plus the MoE finetune (not the seed,
+    which all methods share)."""
+    run_dir = Path(run_dir)
+    entries = read_ledger(run_dir)
+    experts = [e for e in entries if _under(e["out"], run_dir / "experts")]
+    finetune = [e for e in entries if _under(e["out"], run_dir / "btx" / "finetuned")]
+    if not experts or not finetune:
+        raise BtxError(f"{run_dir / 'ledger.jsonl'}: no expert or BTX finetune entries; train the "
+                       "experts and run `nemo-btx finetune` before the compute-matched baselines")
+    return sum(e["flops"] for e in experts + finetune)
+
+
+def steps_for_flops(flops: float, model: ModelConfig, tokens_per_step: int) -> int:
+    """Optimizer steps of `model` that spend `flops` (at least one)."""
+    return max(1, round(flops / (model_flops_per_token(model) * tokens_per_step)))
