@@ -45,3 +45,23 @@ def run_torchrun(script, args, nproc: int, timeout: float = 180, env=None):
 @pytest.fixture
 def torchrun():
     return run_torchrun
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_megatron_state():
+    """Each test module starts without megatron parallel state or a process group.
+
+    In-process tests (model building, the lm-eval model) initialise megatron-core's global
+    parallel state; a module that leaves it behind must not break the next one.
+    """
+    yield
+    import torch
+
+    try:
+        from megatron.core import parallel_state
+    except ImportError:  # pragma: no cover
+        return
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
