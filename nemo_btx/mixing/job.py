@@ -11,8 +11,10 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
+from nemo_btx.artifacts import read_json
 from nemo_btx.config.schema import ExperimentConfig
-from nemo_btx.mixing.plan import MixPlan, check_output_free, inspect_sources, is_complete
+from nemo_btx.errors import ConfigError
+from nemo_btx.mixing.plan import MANIFEST, MixPlan, check_output_free, inspect_sources, is_complete
 from nemo_btx.mixing.router import BatchesFor
 
 log = logging.getLogger(__name__)
@@ -23,6 +25,10 @@ def prepare(cfg: ExperimentConfig, plan: MixPlan) -> Optional[ExperimentConfig]:
     from nemo_btx.config.validate import validate
 
     if is_complete(plan.out):
+        stage = read_json(plan.out / MANIFEST).get("stage")
+        if stage != plan.kind:
+            raise ConfigError("mix.out", str(plan.out), f"holds a complete '{stage}' output, not "
+                              f"'{plan.kind}'; choose another mix.out")
         log.info("%s: %s is complete, skipping", plan.kind, plan.out)
         return None
     check_output_free(plan.out)

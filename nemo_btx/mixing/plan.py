@@ -17,7 +17,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import List
 
 from nemo_btx.config.schema import ExperimentConfig, ModelConfig
 from nemo_btx.errors import ConfigError

@@ -22,7 +22,8 @@ replicated slice goes to the holder with the fewest bytes so far (largest first,
 lowest rank, so every rank computes the same answer). Only the owner allocates, reads and
 writes a slice; the others keep a meta tensor, which the checkpoint writer never touches
 (it writes main replicas only). So every rank holds only its own output shard, and doubling
-the ranks halves it.
+the ranks halves it. Each owned slice is its own tensor (never a view into a larger buffer):
+megatron's writer clones views before writing, which would double the memory.
 """
 
 from __future__ import annotations
@@ -52,7 +53,9 @@ class OutShard:
     """router | expert | average"""
     owner: int = -1
     data: Optional[torch.Tensor] = None
-    """The real tensor, allocated on the owner only."""
+    """The real tensor, on the owner only."""
+    keep: object = None
+    """What `data` lives in when it is mapped from a source file (must outlive `data`)."""
 
     @property
     def key(self) -> str:
@@ -131,19 +134,22 @@ def assign_owners(shards: List[OutShard]) -> List[int]:
 
 
 def allocate(shard: OutShard, accumulate_dtype: torch.dtype) -> torch.Tensor:
-    """The owner's buffer: zeros for averages (accumulated in fp32 or better), else empty."""
+    """The owner's buffer, uninitialised (every element is written by the reads or the router);
+    averages of low-precision weights accumulate in `accumulate_dtype`."""
     sh = shard.sh
-    if shard.kind == "average":
-        dtype = sh.dtype if sh.dtype in (torch.float32, torch.float64) else accumulate_dtype
-        return torch.zeros(sh.local_shape, dtype=dtype)
-    return torch.empty(sh.local_shape, dtype=sh.dtype)
+    dtype = sh.dtype
+    if shard.kind == "average" and dtype not in (torch.float32, torch.float64):
+        dtype = accumulate_dtype
+    return torch.empty(sh.local_shape, dtype=dtype)
 
 
 def add_average_reads(shard: OutShard, buf: torch.Tensor, readers: List[SliceReader],
                       weights: List[float]) -> None:
-    """Every source's same slice, weighted, into `buf`."""
+    """Every source's same slice, weighted, into `buf`: the first source initialises it
+    (buf = w0 * x0), the others add (buf += ws * xs), in source order on every layout."""
     region = shard.region
     view = buf.view([n for _, n in region])
+    terms = []
     for reader, w in zip(readers, weights):
         if w == 0:
             continue
@@ -158,15 +164,23 @@ def add_average_reads(shard: OutShard, buf: torch.Tensor, readers: List[SliceRea
             # Vocabulary padded for another TP size: rows past the source's padding stay zero.
             (start, length), rest = region[0], region[1:]
             length = max(0, min(start + length, src_shape[0]) - start)
-            if length == 0:
-                continue
-            clipped, dest = ((start, length),) + rest, view[:length]
-        reader.add(shard.key, clipped, dest, weight=w)
+            clipped, dest = (((start, length),) + rest, view[:length]) if length else (None, None)
+        terms.append((reader, w, clipped, dest))
+    partial = any(clipped != region for _, _, clipped, _ in terms)
+    if partial:
+        buf.zero_()
+    for i, (reader, w, clipped, dest) in enumerate(terms):
+        if clipped is not None:
+            reader.add(shard.key, clipped, dest, weight=w, first=(i == 0 and not partial))
 
 
-def add_expert_reads(shard: OutShard, buf: torch.Tensor, readers: List[SliceReader], layout,
-                     dense_ffn: int, glu: bool) -> None:
-    """Expert e's slice of fc1/fc2 from its segments' FFN units in the dense sources."""
+def add_expert_reads(shard: OutShard, readers: List[SliceReader], layout, dense_ffn: int,
+                     glu: bool) -> None:
+    """Expert e's slice of fc1/fc2 from its segments' FFN units in the dense sources.
+
+    A slice that is exactly one stored source chunk (plain BTX and upcycling at matching TP)
+    adopts that chunk as its tensor; anything else gets a buffer filled piece by piece.
+    """
     sh = shard.sh
     name = shard.key[len(EXPERT_PREFIX):]
     if name not in ("linear_fc1.weight", "linear_fc2.weight") or sh.prepend_axis_num != 2:
@@ -182,17 +196,26 @@ def add_expert_reads(shard: OutShard, buf: torch.Tensor, readers: List[SliceRead
     other = region[2 + other_axis]
     expert_ffn = sh.global_shape[2 + ffn_axis] // (2 if fc1 and glu else 1)
     halves = 2 if fc1 and glu else 1
+    reads = []  # (source, dense region, position along the slice's FFN axis, count)
     for half in range(halves):
         lo, hi = max(a, half * expert_ffn), min(a + n, (half + 1) * expert_ffn)
         if lo >= hi:
             continue
         for source, src_unit, exp_unit, count in pieces(layout[expert], lo - half * expert_ffn, hi - lo):
-            dest_pos = half * expert_ffn + exp_unit - a
             src_pos = half * dense_ffn + src_unit
-            if fc1:
-                dest = buf[dest_pos:dest_pos + count, :]
-                src_region = ((layer, 1), (src_pos, count), other)
-            else:
-                dest = buf[:, dest_pos:dest_pos + count]
-                src_region = ((layer, 1), other, (src_pos, count))
-            readers[source].add(dense_key, src_region, dest.unsqueeze(0))
+            src_region = (((layer, 1), (src_pos, count), other) if fc1
+                          else ((layer, 1), other, (src_pos, count)))
+            reads.append((source, src_region, half * expert_ffn + exp_unit - a, count))
+
+    def own(tensor, keep):
+        shard.data, shard.keep = tensor, keep
+
+    if len(reads) == 1 and reads[0][3] == n:
+        source, src_region, _, _ = reads[0]
+        readers[source].adopt(dense_key, src_region, tuple(sh.local_shape), sh.dtype, own)
+        return
+    buf = torch.empty(sh.local_shape, dtype=sh.dtype)
+    own(buf, None)
+    for source, src_region, pos, count in reads:
+        dest = buf[pos:pos + count, :] if fc1 else buf[:, pos:pos + count]
+        readers[source].add(dense_key, src_region, dest.unsqueeze(0))

@@ -65,7 +65,7 @@ def write_mixed(plan: MixPlan, cfg, shards, objects, *, extra_manifest: dict, st
     if rank0:
         sources = [{"name": s.name, "role": s.role, "path": str(s.path), "domains": s.domains,
                     "marker": s.marker} for s in plan.sources]
-        marker = ckpt._marker("weights", ckpt.current_layout(), plan.moe_model, {
+        marker = ckpt.make_marker("weights", ckpt.current_layout(), plan.moe_model, {
             "stage": plan.kind, "moe": plan.describe(),
             "sources": [s["path"] for s in sources]})
         manifest = {

@@ -26,6 +26,14 @@ def _validation_batches(cfg: ExperimentConfig):
     return batches_for
 
 
+def resolve(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The config with the MoE model this stage writes, so the CLI validates the target layout
+    (e.g. parallel.ep) against the real number of experts. Reads only the sources' markers."""
+    from nemo_btx.mixing.plan import plan_mix
+
+    return plan_mix(cfg).moe_config(cfg)
+
+
 def run(cfg: ExperimentConfig) -> None:
     from nemo_btx.mixing.job import run_plan
     from nemo_btx.mixing.plan import plan_mix

@@ -10,6 +10,14 @@ from __future__ import annotations
 from nemo_btx.config.schema import ExperimentConfig
 
 
+def resolve(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The config with the MoE model this stage writes, so the CLI validates the target layout
+    (e.g. parallel.ep) against the real number of experts. Reads only the sources' markers."""
+    from nemo_btx.mixing.plan import plan_upcycle
+
+    return plan_upcycle(cfg).moe_config(cfg)
+
+
 def run(cfg: ExperimentConfig) -> None:
     from nemo_btx.mixing.job import run_plan
     from nemo_btx.mixing.plan import plan_upcycle

@@ -150,7 +150,7 @@ def _write(path: Path, state: dict, marker: dict) -> None:
     _barrier()
 
 
-def _marker(kind: str, layout: dict, model_cfg, extra: Optional[dict] = None) -> dict:
+def make_marker(kind: str, layout: dict, model_cfg, extra: Optional[dict] = None) -> dict:
     return {"format_version": FORMAT_VERSION, "kind": kind, "layout": layout,
             "model": dataclasses.asdict(model_cfg), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "versions": software_versions(), **(extra or {})}
@@ -195,7 +195,7 @@ def save_model_weights(chunks: List[torch.nn.Module], directory: Path, model_cfg
                        extra: Optional[dict] = None) -> None:
     """Collective: write the model's weights only (no optimizer state) as a complete checkpoint."""
     _write(Path(directory), model_sharded_state_dict(chunks),
-           _marker("weights", current_layout(), model_cfg, extra))
+           make_marker("weights", current_layout(), model_cfg, extra))
 
 
 def load_model_weights(chunks: List[torch.nn.Module], directory: Path, model_cfg=None) -> dict:
@@ -301,7 +301,7 @@ def save_training_checkpoint(root: Path, chunks, optimizer, scheduler, step: int
     """Collective: model, optimizer, LR schedule, RNG and data position after `step` steps."""
     path = step_dir(root, step)
     state = _training_state(chunks, optimizer, scheduler, step, extra or {}, loading=False)
-    _write(path, state, _marker("training", current_layout(), model_cfg,
+    _write(path, state, make_marker("training", current_layout(), model_cfg,
                                 {"step": step, **(extra or {})}))
     if _rank0() and keep > 0:
         for old in complete_checkpoints(root)[:-keep]:
