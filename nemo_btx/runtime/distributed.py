@@ -12,7 +12,6 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -67,7 +66,7 @@ def init_runtime(cfg: ExperimentConfig, *, timeout_minutes: int = 10) -> Runtime
     trackers -> torch.manual_seed last, because with `use_cpu_initialization` the weights are
     drawn from the default CPU generator and must not depend on what the trackers consumed.
     """
-    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core import parallel_state
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from nemo_btx.config.schema import ExperimentConfig
 from nemo_btx.errors import BtxError, ConfigError
-from nemo_btx.stages.common import domain_names, domain_weights, require_data, run_dir
+from nemo_btx.stages.common import domain_names, domain_weights, require_data, run_dir, train_on
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +67,7 @@ def model_from_seed(marker: dict, cfg: ExperimentConfig):
 
 def run(cfg: ExperimentConfig) -> None:
     from nemo_btx.config.validate import validate
-    from nemo_btx.data.loader import TrainData, validation_batches
-    from nemo_btx.runtime.distributed import init_runtime, shutdown
-    from nemo_btx.training.loop import TrainJob, is_done, run_training, stage_config
+    from nemo_btx.training.loop import TrainJob, is_done, stage_config
 
     require_data(cfg)
     names = domain_names(cfg)
@@ -80,13 +78,7 @@ def run(cfg: ExperimentConfig) -> None:
         log.info("baselines: %s, %d steps from %s", kind, steps, init)
         scfg = stage_config(dataclasses.replace(cfg, model=model), cfg.baselines, steps)
         validate(scfg)
-        rt = init_runtime(scfg)
-        try:
-            data = TrainData(scfg, run_dir(cfg), names, domain_weights(cfg, names))
-            valid = {d: validation_batches(scfg, run_dir(cfg), d, cfg.data.eval_iters) for d in names}
-            job = TrainJob(name=f"baseline:{kind}", out_dir=out, domains=names,
-                           weights=domain_weights(cfg, names), init_from=init, eval_domains=names,
-                           stage=cfg.baselines, parent=str(init), ledger=run_dir(cfg) / "ledger.jsonl")
-            run_training(scfg, job, rt, data.global_batch, valid)
-        finally:
-            shutdown()
+        job = TrainJob(name=f"baseline:{kind}", out_dir=out, domains=names,
+                       weights=domain_weights(cfg, names), init_from=init, eval_domains=names,
+                       stage=cfg.baselines, parent=str(init), ledger=run_dir(cfg) / "ledger.jsonl")
+        train_on(scfg, job)

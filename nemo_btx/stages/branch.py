@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from pathlib import Path
 
 from nemo_btx.config.schema import ExperimentConfig
 from nemo_btx.errors import BtxError

@@ -76,3 +76,21 @@ def expert_table(cfg: ExperimentConfig) -> str:
         cells = [f"{math.exp(valid[d]):.2f}" if d in valid else "-" for d in names]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def train_on(scfg: ExperimentConfig, job):
+    """Run one training job: runtime up, the job's domains as data (mixed by `job.weights`),
+    its evaluation domains' validation batches, the loop, runtime down. Returns the runtime."""
+    from nemo_btx.data.loader import TrainData, validation_batches
+    from nemo_btx.runtime.distributed import init_runtime, shutdown
+    from nemo_btx.training.loop import run_training
+
+    rt = init_runtime(scfg)
+    try:
+        data = TrainData(scfg, run_dir(scfg), job.domains, job.weights)
+        valid = {d: validation_batches(scfg, run_dir(scfg), d, scfg.data.eval_iters)
+                 for d in job.eval_domains}
+        run_training(scfg, job, rt, data.global_batch, valid)
+    finally:
+        shutdown()
+    return rt

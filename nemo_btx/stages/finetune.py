@@ -22,7 +22,7 @@ from pathlib import Path
 
 from nemo_btx.config.schema import ExperimentConfig
 from nemo_btx.model.moe_config import model_from_marker, routed_model
-from nemo_btx.stages.common import domain_names, domain_weights, require_data, run_dir
+from nemo_btx.stages.common import domain_names, domain_weights, require_data, run_dir, train_on
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +52,8 @@ def resolve(cfg: ExperimentConfig) -> ExperimentConfig:
 
 def run(cfg: ExperimentConfig) -> None:
     from nemo_btx.config.validate import validate
-    from nemo_btx.data.loader import TrainData, validation_batches
     from nemo_btx.data.tokenizer import check_vocab, load_tokenizer
-    from nemo_btx.runtime.distributed import init_runtime, shutdown
-    from nemo_btx.training.loop import TrainJob, is_done, run_training, stage_config
+    from nemo_btx.training.loop import TrainJob, is_done, stage_config
 
     f = cfg.finetune
     init, out = _paths(cfg)
@@ -66,15 +64,9 @@ def run(cfg: ExperimentConfig) -> None:
     scfg = stage_config(resolve(cfg), f, f.train_iters)
     validate(scfg)
     check_vocab(load_tokenizer(run_dir(cfg)), scfg.model)
-    rt = init_runtime(scfg)
-    try:
-        names = domain_names(cfg)
-        data = TrainData(scfg, run_dir(cfg), names, domain_weights(cfg, names))
-        valid = {d: validation_batches(scfg, run_dir(cfg), d, cfg.data.eval_iters) for d in names}
-        job = TrainJob(name="finetune", out_dir=out, domains=names, weights=domain_weights(cfg, names),
-                       init_from=init, eval_domains=names, stage=f, parent=str(init),
-                       frozen=is_expert_param if f.freeze_experts else None,
-                       ledger=run_dir(cfg) / "ledger.jsonl")
-        run_training(scfg, job, rt, data.global_batch, valid)
-    finally:
-        shutdown()
+    names = domain_names(cfg)
+    job = TrainJob(name="finetune", out_dir=out, domains=names, weights=domain_weights(cfg, names),
+                   init_from=init, eval_domains=names, stage=f, parent=str(init),
+                   frozen=is_expert_param if f.freeze_experts else None,
+                   ledger=run_dir(cfg) / "ledger.jsonl")
+    train_on(scfg, job)

@@ -9,16 +9,14 @@ import logging
 from pathlib import Path
 
 from nemo_btx.config.schema import ExperimentConfig
-from nemo_btx.stages.common import domain_names, domain_weights, require_data, run_dir
+from nemo_btx.stages.common import domain_names, domain_weights, require_data, run_dir, train_on
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: ExperimentConfig) -> None:
-    from nemo_btx.data.loader import TrainData, validation_batches
     from nemo_btx.data.tokenizer import check_vocab, load_tokenizer
-    from nemo_btx.runtime.distributed import init_runtime, shutdown
-    from nemo_btx.training.loop import TrainJob, is_done, run_training, stage_config
+    from nemo_btx.training.loop import TrainJob, is_done, stage_config
 
     out = run_dir(cfg) / "seed"
     if is_done(out):
@@ -29,16 +27,10 @@ def run(cfg: ExperimentConfig) -> None:
     if cfg.seed.checkpoint is not None:
         return adopt(cfg, Path(cfg.seed.checkpoint), out)
     scfg = stage_config(cfg, cfg.seed, cfg.seed.train_iters)
-    rt = init_runtime(scfg)
-    try:
-        names = domain_names(cfg)
-        data = TrainData(scfg, run_dir(cfg), names, domain_weights(cfg, names))
-        valid = {d: validation_batches(scfg, run_dir(cfg), d, cfg.data.eval_iters) for d in names}
-        job = TrainJob(name="seed", out_dir=out, domains=names, weights=domain_weights(cfg, names),
-                       eval_domains=names, stage=cfg.seed, ledger=run_dir(cfg) / "ledger.jsonl")
-        run_training(scfg, job, rt, data.global_batch, valid)
-    finally:
-        shutdown()
+    names = domain_names(cfg)
+    job = TrainJob(name="seed", out_dir=out, domains=names, weights=domain_weights(cfg, names),
+                   eval_domains=names, stage=cfg.seed, ledger=run_dir(cfg) / "ledger.jsonl")
+    train_on(scfg, job)
 
 
 def adopt(cfg: ExperimentConfig, source: Path, out: Path) -> None:

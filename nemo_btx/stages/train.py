@@ -5,14 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from nemo_btx.config.schema import ExperimentConfig
-from nemo_btx.stages.common import domain_names, domain_weights, require_data, run_dir
+from nemo_btx.stages.common import domain_names, domain_weights, require_data, run_dir, train_on
 
 
 def run(cfg: ExperimentConfig) -> None:
-    from nemo_btx.data.loader import TrainData, validation_batches
     from nemo_btx.data.tokenizer import check_vocab, load_tokenizer
-    from nemo_btx.runtime.distributed import init_runtime, shutdown
-    from nemo_btx.training.loop import TrainJob, is_done, run_training, stage_config
+    from nemo_btx.training.loop import TrainJob, is_done, stage_config
 
     out = Path(cfg.job.out) if cfg.job.out else run_dir(cfg) / "train"
     if is_done(out):
@@ -26,15 +24,8 @@ def run(cfg: ExperimentConfig) -> None:
         raise ConfigError("job.domains", names, f"unknown domains {unknown}; configured: "
                           f"{', '.join(domain_names(cfg))}")
     scfg = stage_config(cfg, cfg.job, cfg.train.train_iters)
-    rt = init_runtime(scfg)
-    try:
-        data = TrainData(scfg, run_dir(cfg), names, domain_weights(cfg, names))
-        valid = {d: validation_batches(scfg, run_dir(cfg), d, cfg.data.eval_iters)
-                 for d in domain_names(cfg)}
-        job = TrainJob(name="train", out_dir=out, domains=names, weights=domain_weights(cfg, names),
-                       init_from=Path(cfg.job.init) if cfg.job.init else None,
-                       eval_domains=domain_names(cfg), stage=cfg.job,
-                       ledger=run_dir(cfg) / "ledger.jsonl")
-        run_training(scfg, job, rt, data.global_batch, valid)
-    finally:
-        shutdown()
+    job = TrainJob(name="train", out_dir=out, domains=names, weights=domain_weights(cfg, names),
+                   init_from=Path(cfg.job.init) if cfg.job.init else None,
+                   eval_domains=domain_names(cfg), stage=cfg.job,
+                   ledger=run_dir(cfg) / "ledger.jsonl")
+    train_on(scfg, job)

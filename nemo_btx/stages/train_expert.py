@@ -11,17 +11,15 @@ import logging
 from nemo_btx.config.schema import ExperimentConfig
 from nemo_btx.errors import BtxError
 from nemo_btx.stages.common import (
-    domain_names, expert_dir, expert_table, require_data, resolve_domain, run_dir)
+    domain_names, expert_dir, expert_table, require_data, resolve_domain, run_dir, train_on)
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: ExperimentConfig) -> None:
-    from nemo_btx.data.loader import TrainData, validation_batches
     from nemo_btx.data.tokenizer import check_vocab, load_tokenizer
-    from nemo_btx.runtime.distributed import init_runtime, shutdown
     from nemo_btx.training import checkpoint as ckpt
-    from nemo_btx.training.loop import TrainJob, is_done, run_training, stage_config
+    from nemo_btx.training.loop import TrainJob, is_done, stage_config
 
     domain = resolve_domain(cfg)
     out = expert_dir(cfg, domain)
@@ -34,16 +32,9 @@ def run(cfg: ExperimentConfig) -> None:
         raise BtxError(f"{init}: no branched seed for '{domain}'; run `nemo-btx branch` first")
     check_vocab(load_tokenizer(run_dir(cfg)), cfg.model)
     scfg = stage_config(cfg, cfg.expert, cfg.expert.train_iters)
-    rt = init_runtime(scfg)
-    try:
-        names = domain_names(cfg)
-        data = TrainData(scfg, run_dir(cfg), [domain], None)
-        valid = {d: validation_batches(scfg, run_dir(cfg), d, cfg.data.eval_iters) for d in names}
-        job = TrainJob(name=f"expert:{domain}", out_dir=out, domains=[domain], init_from=init,
-                       eval_domains=names, stage=cfg.expert, parent=str(run_dir(cfg) / "seed"),
-                       ledger=run_dir(cfg) / "ledger.jsonl")
-        run_training(scfg, job, rt, data.global_batch, valid)
-    finally:
-        shutdown()
+    job = TrainJob(name=f"expert:{domain}", out_dir=out, domains=[domain], init_from=init,
+                   eval_domains=domain_names(cfg), stage=cfg.expert,
+                   parent=str(run_dir(cfg) / "seed"), ledger=run_dir(cfg) / "ledger.jsonl")
+    rt = train_on(scfg, job)
     if rt.is_main:
         log.info("validation perplexity (seed and experts so far):\n%s", expert_table(cfg))
