@@ -53,7 +53,7 @@ def model_sharded_state_dict(chunks: List[torch.nn.Module]) -> Dict[str, dict]:
     return {f"model{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
 
 
-def _optimizer_metadata(optimizer) -> dict:
+def _optimizer_metadata() -> dict:
     # fully_reshardable: distributed-optimizer state is stored per model tensor, so it reshards
     # to other TP/PP/DP layouts like the weights do (megatron-core 0.16's recommended format;
     # fully_sharded_model_space is deprecated and refuses flattened ranges).
@@ -287,7 +287,7 @@ def _training_state(chunks, optimizer, scheduler, step: int, extra: dict, loadin
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     state = dict(model_sd)
     state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=loading,
-                                                      metadata=_optimizer_metadata(optimizer))
+                                                      metadata=_optimizer_metadata())
     state["scheduler"] = scheduler.state_dict()
     state["step"] = step
     state["extra"] = extra

@@ -187,7 +187,7 @@ def run_training(cfg: ExperimentConfig, job: TrainJob, rt,
     flops_per_token = model_flops_per_token(cfg.model)
     metrics = _Metrics(out, start, enabled=rt.is_main)
     bar = _progress(t.train_iters, start, enabled=rt.is_main)
-    t0, last_log, steps_run = time.perf_counter(), time.perf_counter(), 0
+    t0, steps_run = time.perf_counter(), 0
     last_valid: Dict[str, float] = {}
     try:
         for step in range(start, t.train_iters):
@@ -206,8 +206,7 @@ def run_training(cfg: ExperimentConfig, job: TrainJob, rt,
                 bar.update(1)
                 bar.set_postfix(loss=f"{r.loss:.3f}", tok_s=f"{rate:.0f}")
             elif rt.is_main and (done % t.log_interval == 0 or done == t.train_iters or "valid" in record):
-                eta = (t.train_iters - done) * (time.perf_counter() - last_log) / max(1, min(t.log_interval, steps_run))
-                last_log = time.perf_counter()
+                eta = (t.train_iters - done) * tokens_per_step / rate
                 log.info("%s step %d/%d loss %.4f lr %.2e grad_norm %.3f tokens/s %.0f eta %.0fs%s",
                          job.name, done, t.train_iters, r.loss, r.lr, r.grad_norm, rate, eta,
                          "" if "valid" not in record else " valid " + " ".join(
