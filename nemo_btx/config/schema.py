@@ -327,7 +327,7 @@ class EvalConfig:
     """Stage `eval`: lm-eval tasks and held-out perplexity of one model of the run directory."""
 
     model: str = "seed"
-    """seed | expert-<domain> | btx | upcycle | dense | btm-top1 | btm-top2 | all (every one
+    """seed | expert-<domain> | btx | upcycle-data | upcycle-compute | dense | btm-top1 | btm-top2 | all (every one
     that exists), or a checkpoint directory."""
     tasks: List[str] = field(default_factory=lambda: ["btx_gsm8k", "btx_humaneval", "btx_mmlu"])
     """lm-eval tasks or groups from eval/ (an empty list: perplexity only)."""

@@ -6,8 +6,8 @@ configs, versions, n-shot, higher_is_better, n-samples) plus a `nemo_btx` sectio
 checkpoints, per-domain perplexity, limit, versions). Written atomically; a model whose
 results.json exists is skipped, so a re-submitted job only evaluates what is missing.
 
-Models by name: `seed`, `expert-<domain>`, `btx` (finetuned, else just mixed), `upcycle`,
-`dense`, `btm-top1` / `btm-top2` (the ensemble of the experts), `all` (every one that exists),
+Models by name: `seed`, `expert-<domain>`, `btx` (finetuned, else just mixed),
+`upcycle-data` / `upcycle-compute` (the sparse-upcycling baselines), `dense`, `btm-top1` / `btm-top2` (the ensemble of the experts), `all` (every one that exists),
 or a checkpoint directory.
 """
 
@@ -33,8 +33,8 @@ def candidates(cfg: ExperimentConfig) -> Dict[str, List[Path]]:
         out[f"expert-{d}"] = [root / "experts" / d / "weights"]
     out["btx"] = [root / "btx" / "finetuned" / "weights", root / "btx" / "mixed" / "weights",
                   root / "btx" / "mixed"]
-    out["upcycle"] = [root / "baselines" / "upcycle" / "finetuned" / "weights",
-                      root / "baselines" / "upcycle" / "mixed" / "weights"]
+    out["upcycle-data"] = [root / "baselines" / "upcycle" / "data_matched" / "weights"]
+    out["upcycle-compute"] = [root / "baselines" / "upcycle" / "compute_matched" / "weights"]
     out["dense"] = [root / "baselines" / "dense" / "weights"]
     return out
 
