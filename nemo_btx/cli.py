@@ -19,8 +19,8 @@ log = logging.getLogger("nemo_btx")
 
 #: command -> (one-line help, "module:function" or None while the issue that fills it is open).
 COMMANDS: Dict[str, Tuple[str, Optional[str], str]] = {
-    "run": ("the whole experiment in the run directory (for now: the smoke stage)",
-            "nemo_btx.stages.smoke:run", ""),
+    "run": ("the whole experiment, data to report, skipping complete stages (--from/--only)",
+            "nemo_btx.stages.pipeline:run", ""),
     "smoke": ("build a tiny dense and MoE model and train a few steps",
               "nemo_btx.stages.smoke:run", ""),
     "validate": ("resolve the config and check it (keys, types, parallel layout); no GPU needed",
@@ -41,7 +41,8 @@ COMMANDS: Dict[str, Tuple[str, Optional[str], str]] = {
                   "nemo_btx.stages.baselines:run", ""),
     "eval": ("lm-eval tasks (GSM8K, HumanEval, MMLU), BTM ensemble and domain perplexity",
              "nemo_btx.stages.evaluate:run", ""),
-    "report": ("Markdown/HTML/JSON comparison report", None, "issue 7"),
+    "report": ("Markdown/HTML/JSON comparison report of the run directory",
+               "nemo_btx.stages.report:run", ""),
     "launch": ("render and submit the Slurm job chain", None, "issue 8"),
     "import-hf": ("import a Hugging Face Llama checkpoint as the seed", None, "issue 9"),
     "export-hf": ("export a dense model as Llama or the MoE as Mixtral", None, "issue 9"),
@@ -63,6 +64,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config-name", default="config",
                         help="primary config under conf/ (default: config)")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--from", dest="from_stage", metavar="STAGE[:ITEM]",
+                        help="run: redo this stage (or one item, e.g. experts:math) and all after it")
+    parser.add_argument("--only", metavar="STAGE[:ITEM],...",
+                        help="run: redo just these stages or items (e.g. eval:btx,report)")
     parser.add_argument("command", nargs="?", choices=list(COMMANDS), metavar="command",
                         help="one of the commands below")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
@@ -86,7 +91,7 @@ def _builtin(command: str, overrides: List[str], config_name: str) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)
     if args.version:
         from nemo_btx import __version__
         print(f"nemo-btx {__version__}")
@@ -111,11 +116,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         module = importlib.import_module(module_name)
         # A stage whose model comes from its input checkpoint (finetune) resolves it first,
         # so the layout is validated against the model that will actually be built.
-        if hasattr(module, "resolve"):
-            cfg = module.resolve(cfg)
+        if hasattr(module, "resolve_config"):
+            cfg = module.resolve_config(cfg)
         validate(cfg)
         fn: Callable = getattr(module, func)
-        fn(cfg)
+        if args.command == "run":
+            fn(cfg, overrides=args.overrides, config_name=args.config_name,
+               from_stage=args.from_stage, only=args.only)
+        else:
+            if args.from_stage or args.only:
+                raise ConfigError("--from/--only", args.from_stage or args.only, "only `run` takes them")
+            fn(cfg)
         return 0
     except ConfigError as err:
         print(f"nemo-btx: config error: {err}", file=sys.stderr)

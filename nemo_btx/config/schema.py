@@ -304,10 +304,28 @@ class BaselinesConfig(TrainStageConfig):
 
 
 @dataclass(kw_only=True)
+class StageLayouts:
+    """`nemo-btx run`: the parallel layout (a conf/parallel/*.yaml preset) each stage runs at.
+
+    null = the experiment's own `parallel`. A layout with more than one rank runs the stage
+    under torchrun with that many processes (e.g. `run.layouts.finetune=ep2`: EP=2 on 2 CPU
+    processes); on a cluster, the Slurm scripts use the same presets."""
+
+    seed: Optional[str] = None
+    experts: Optional[str] = None
+    mix: Optional[str] = None
+    finetune: Optional[str] = None
+    upcycle: Optional[str] = None
+    baselines: Optional[str] = None
+    eval: Optional[str] = None
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     """Where the experiment lives: every stage reads and writes only this directory."""
 
     dir: str = "runs/tiny"
+    layouts: StageLayouts = field(default_factory=StageLayouts)
 
 
 @dataclass(kw_only=True)

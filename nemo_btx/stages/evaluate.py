@@ -39,7 +39,7 @@ def candidates(cfg: ExperimentConfig) -> Dict[str, List[Path]]:
     return out
 
 
-def resolve(cfg: ExperimentConfig, name: str) -> List[Path]:
+def checkpoints_of(cfg: ExperimentConfig, name: str) -> List[Path]:
     """The checkpoint(s) behind a model name; BtxError when none is complete yet."""
     from nemo_btx.training.checkpoint import is_complete
 
@@ -66,7 +66,7 @@ def available(cfg: ExperimentConfig) -> List[str]:
     names = []
     for name in [*candidates(cfg), "btm-top1", "btm-top2"]:
         try:
-            resolve(cfg, name)
+            checkpoints_of(cfg, name)
         except BtxError:
             continue
         names.append(name)
@@ -93,7 +93,7 @@ def evaluate_model(cfg: ExperimentConfig, name: str) -> Optional[Path]:
     if out.is_file():
         log.info("eval %s: complete (%s), skipping", name, out)
         return out
-    paths = resolve(cfg, name)
+    paths = checkpoints_of(cfg, name)
     start = time.monotonic()
     lm = build_lm(cfg, name, paths)
     try:

@@ -38,7 +38,7 @@ def _paths(cfg: ExperimentConfig):
     return init, out
 
 
-def resolve(cfg: ExperimentConfig) -> ExperimentConfig:
+def resolve_config(cfg: ExperimentConfig) -> ExperimentConfig:
     """The config with `model` taken from the input checkpoint and routed per `finetune.*`.
 
     Idempotent, and what the CLI validates before the stage starts.
@@ -61,7 +61,7 @@ def run(cfg: ExperimentConfig) -> None:
         log.info("finetune: %s complete, skipping", out)
         return
     require_data(cfg)
-    scfg = stage_config(resolve(cfg), f, f.train_iters)
+    scfg = stage_config(resolve_config(cfg), f, f.train_iters)
     validate(scfg)
     check_vocab(load_tokenizer(run_dir(cfg)), scfg.model)
     names = domain_names(cfg)

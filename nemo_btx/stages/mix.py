@@ -26,7 +26,7 @@ def _validation_batches(cfg: ExperimentConfig):
     return batches_for
 
 
-def resolve(cfg: ExperimentConfig) -> ExperimentConfig:
+def resolve_config(cfg: ExperimentConfig) -> ExperimentConfig:
     """The config with the MoE model this stage writes, so the CLI validates the target layout
     (e.g. parallel.ep) against the real number of experts. Reads only the sources' markers."""
     from nemo_btx.mixing.plan import plan_mix

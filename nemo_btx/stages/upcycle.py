@@ -10,7 +10,7 @@ from __future__ import annotations
 from nemo_btx.config.schema import ExperimentConfig
 
 
-def resolve(cfg: ExperimentConfig) -> ExperimentConfig:
+def resolve_config(cfg: ExperimentConfig) -> ExperimentConfig:
     """The config with the MoE model this stage writes, so the CLI validates the target layout
     (e.g. parallel.ep) against the real number of experts. Reads only the sources' markers."""
     from nemo_btx.mixing.plan import plan_upcycle

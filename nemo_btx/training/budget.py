@@ -24,6 +24,15 @@ def read_ledger(run_dir: Path) -> List[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def stage_totals(run_dir: Path) -> List[dict]:
+    """One entry per trained output directory: its last ledger line, which holds the stage's
+    cumulative totals. A stage resumed after a kill (or finished twice) thus counts once."""
+    last = {}
+    for entry in read_ledger(run_dir):
+        last[str(Path(entry["out"]).resolve())] = entry
+    return list(last.values())
+
+
 def _under(path: str, root: Path) -> bool:
     p, r = Path(path).resolve(), root.resolve()
     return p == r or r in p.parents
@@ -33,7 +42,7 @@ def btx_flops(run_dir: Path) -> float:
     """FLOPs of the BTX-specific training: every expert plus the MoE finetune (not the seed,
     which all methods share)."""
     run_dir = Path(run_dir)
-    entries = read_ledger(run_dir)
+    entries = stage_totals(run_dir)
     experts = [e for e in entries if _under(e["out"], run_dir / "experts")]
     finetune = [e for e in entries if _under(e["out"], run_dir / "btx" / "finetuned")]
     if not experts or not finetune:

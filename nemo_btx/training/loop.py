@@ -166,11 +166,14 @@ def run_training(cfg: ExperimentConfig, job: TrainJob, rt,
     optimizer, scheduler = build_optimizer(cfg, chunks)
     attach_megatron_hooks(chunks, optimizer)
 
-    start = 0
+    start, spent_before = 0, {"wall_s": 0.0, "device_seconds": 0.0}
     latest = ckpt.latest_checkpoint(ckpt_root)
     if latest is not None:
         state = ckpt.load_training_checkpoint(latest, chunks, optimizer, scheduler, cfg.model)
         start = state["step"]
+        # Time spent before the kill up to that checkpoint counts; what was lost after it is
+        # redone and counted once, so a resumed stage's totals equal an uninterrupted one's.
+        spent_before = {k: float(state["extra"].get(k, 0.0)) for k in spent_before}
         if not state["same_layout"]:
             seed_everything(t.seed + start)
         log.info("%s: resumed from %s (step %d)", job.name, latest, start)
@@ -212,9 +215,13 @@ def run_training(cfg: ExperimentConfig, job: TrainJob, rt,
                          "" if "valid" not in record else " valid " + " ".join(
                              f"{d}={v:.3f}" for d, v in record["valid"].items()))
             if done % stage.save_interval == 0 or done == t.train_iters:
-                ckpt.save_training_checkpoint(ckpt_root, chunks, optimizer, scheduler, done,
-                                              cfg.model, extra={"tokens_seen": done * tokens_per_step},
-                                              keep=stage.keep_checkpoints)
+                so_far = time.perf_counter() - t0
+                ckpt.save_training_checkpoint(
+                    ckpt_root, chunks, optimizer, scheduler, done, cfg.model,
+                    extra={"tokens_seen": done * tokens_per_step,
+                           "wall_s": spent_before["wall_s"] + so_far,
+                           "device_seconds": spent_before["device_seconds"] + so_far * rt.world_size},
+                    keep=stage.keep_checkpoints)
     finally:
         if bar is not None:
             bar.close()
@@ -237,18 +244,21 @@ def run_training(cfg: ExperimentConfig, job: TrainJob, rt,
     elif not last_valid and valid:
         last_valid = evaluate(cfg, chunks, valid, rt.device, dp_rank, dp_size)
     ckpt.save_model_weights(chunks, out / "weights", cfg.model, extra={"stage": job.name})
-    tokens_run = steps_run * tokens_per_step
+    tokens_total = t.train_iters * tokens_per_step
     summary = {
         "stage": job.name, "steps": t.train_iters, "tokens_seen": t.train_iters * tokens_per_step,
         "valid_loss": last_valid, "parent": job.parent, "domains": job.domains,
         "weights": "weights", "train_flops_per_token": flops_per_token,
     }
     if rt.is_main:
+        # The stage's totals (all segments), so the last line per `out` is what it cost.
         append_ledger(job.ledger or out / "ledger.jsonl", {
-            "stage": job.name, "out": str(out), "steps": [start, t.train_iters],
-            "tokens": tokens_run, "flops": tokens_run * flops_per_token, "wall_s": wall,
-            "device_seconds": wall * rt.world_size, "world_size": rt.world_size,
-            "device": rt.device.type,
+            "stage": job.name, "out": str(out), "steps": [0, t.train_iters],
+            "tokens": tokens_total, "flops": tokens_total * flops_per_token,
+            "wall_s": spent_before["wall_s"] + wall,
+            "device_seconds": spent_before["device_seconds"] + wall * rt.world_size,
+            "world_size": rt.world_size, "device": rt.device.type,
+            "segment": {"steps": [start, t.train_iters], "wall_s": wall},
         })
         write_json_atomic(out / "manifest.json", {
             **summary, "config": to_yaml(cfg), "versions": software_versions(), "complete": True,
@@ -258,7 +268,8 @@ def run_training(cfg: ExperimentConfig, job: TrainJob, rt,
 
 
 def append_ledger(path: Path, entry: dict) -> None:
-    """One line per training segment (a resumed run adds its own), written in one append."""
+    """One line per finished run segment, written in one append; each line holds the stage's
+    totals so far, so readers take the last line per `out` (budget.stage_totals)."""
     entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **entry}
     with open(path, "a") as f:
         f.write(json.dumps(entry) + "\n")

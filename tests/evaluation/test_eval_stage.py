@@ -43,4 +43,4 @@ def test_eval_stage_btm_by_name(eval_run):  # noqa: F811
     assert res["nemo_btx"]["checkpoints"] == [str(eval_run / "experts" / d / "weights") for d in ("code", "math", "wiki")]
     assert set(res["nemo_btx"]["perplexity"]) == {"code", "math", "wiki"}
     with pytest.raises(Exception, match="eval.model"):
-        evaluate.resolve(config(eval_run), "no-such-model")
+        evaluate.checkpoints_of(config(eval_run), "no-such-model")

@@ -81,7 +81,9 @@ def test_kill9_then_resume_equals_uninterrupted(uninterrupted, tmp_path):
     for key in a:
         assert torch.equal(a[key], b[key]), f"{key} differs after kill at step {step}"
     ledger = [json.loads(x) for x in (tmp_path / "ledger.jsonl").read_text().splitlines()]
-    assert ledger[-1]["steps"][1] == 12  # the resumed segment finished the run
+    assert ledger[-1]["steps"] == [0, 12] and ledger[-1]["segment"]["steps"][1] == 12
+    ref_ledger = json.loads((uninterrupted / "ledger.jsonl").read_text().splitlines()[-1])
+    assert ledger[-1]["tokens"] == ref_ledger["tokens"] and ledger[-1]["flops"] == ref_ledger["flops"]
 
 
 @pytest.mark.slow

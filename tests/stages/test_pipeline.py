@@ -1,0 +1,229 @@
+"""`nemo-btx run`: the plan, skipping and redoing stages, and kill-then-rerun = never killed."""
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, clean_env
+
+# A small but complete experiment: every stage, every model, every task (few documents).
+SMALL = ["model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128",
+         "model.num_attention_heads=4", "model.vocab_size=512", "model.seq_length=64",
+         "train.micro_batch_size=4", "train.global_batch_size=8", "train.lr=3e-3",
+         "data.max_chars_per_domain=150000", "data.eval_iters=1",
+         "seed.train_iters=12", "seed.eval_interval=6", "seed.save_interval=4",
+         "expert.train_iters=6", "expert.save_interval=2", "expert.eval_interval=3",
+         "finetune.train_iters=6", "finetune.save_interval=2", "finetune.eval_interval=3",
+         "baselines.save_interval=2", "baselines.eval_interval=100",
+         "eval.limit=1", "eval.max_gen_toks=8", "eval.batch_size=16",
+         "run.layouts.finetune=ep2"]
+
+
+def nemo_run(rd, *extra, check=True, timeout=1200):
+    proc = subprocess.run([sys.executable, "-m", "nemo_btx.cli", "run", f"run.dir={rd}", *SMALL, *extra],
+                          cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-5000:]
+    return proc
+
+
+def load(overrides=()):
+    from nemo_btx.config import load_config
+
+    return load_config([*SMALL, *overrides])
+
+
+# ---------------------------------------------------------------- plan and selection (fast)
+
+def test_plan_orders_every_stage_and_model(tmp_path):
+    from nemo_btx.stages.pipeline import STAGES, plan
+
+    units = plan(load([f"run.dir={tmp_path}"]))
+    names = [u.name for u in units]
+    assert names[:6] == ["data", "seed", "branch", "experts:code", "experts:math", "experts:wiki"]
+    assert names[6:9] == ["mix", "finetune", "upcycle"]
+    assert names[9:12] == ["baselines:upcycle_data", "baselines:upcycle_compute", "baselines:dense_compute"]
+    assert names[12:] == ["eval:seed", "eval:expert-code", "eval:expert-math", "eval:expert-wiki",
+                          "eval:btm-top1", "eval:btm-top2", "eval:upcycle-data", "eval:upcycle-compute",
+                          "eval:dense", "eval:btx", "report"]
+    # Stage order is the order of STAGES (what --from relies on).
+    order = [STAGES.index(u.stage) for u in units]
+    assert order == sorted(order)
+    # Without upcycling baselines there is no upcycle stage and no upcycled model to evaluate.
+    names = [u.name for u in plan(load([f"run.dir={tmp_path}", "baselines.which=[dense_compute]"]))]
+    assert "upcycle" not in names and "eval:upcycle-data" not in names and "eval:dense" in names
+
+
+def test_select_from_and_only(tmp_path):
+    from nemo_btx.errors import ConfigError
+    from nemo_btx.stages.pipeline import plan, select
+
+    units = plan(load([f"run.dir={tmp_path}"]))
+    assert [u.name for u in select(units, "finetune", None)][:3] == ["finetune", "upcycle",
+                                                                   "baselines:upcycle_data"]
+    assert select(units, "finetune", None)[-1].name == "report"
+    assert [u.name for u in select(units, None, "eval:btx,report")] == ["eval:btx", "report"]
+    assert [u.name for u in select(units, None, "experts")] == ["experts:code", "experts:math",
+                                                              "experts:wiki"]
+    assert [u.name for u in select(units, "experts:math", None)][0] == "experts:math"
+    assert select(units, None, None) == []
+    with pytest.raises(ConfigError, match="--from.*must be a stage"):
+        select(units, "sead", None)
+    with pytest.raises(ConfigError, match="experts has: code, math, wiki"):
+        select(units, None, "experts:physics")
+    with pytest.raises(ConfigError, match="not both"):
+        select(units, "mix", "eval")
+
+
+def test_multi_rank_layouts_run_under_torchrun(tmp_path):
+    from nemo_btx.stages.pipeline import command, nproc_of, plan
+
+    assert nproc_of("ep2", SMALL, "config") == 2
+    assert nproc_of(None, SMALL, "config") == 1
+    units = {u.name: u for u in plan(load([f"run.dir={tmp_path}"]))}
+    ft = units["finetune"]
+    assert ft.layout == "ep2" and units["mix"].layout is None
+    ft.nproc = 2
+    cmd = command(ft, ["a=1"], "config")
+    assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    assert cmd[-3:] == ["finetune", "a=1", "parallel=ep2"]
+    assert command(units["mix"], [], "config")[1:] == ["-m", "nemo_btx.cli", "--config-name", "config", "mix"]
+
+
+def test_move_aside_keeps_outputs_and_the_branched_seed(tmp_path):
+    from nemo_btx.stages.pipeline import move_aside, plan, select
+
+    units = plan(load([f"run.dir={tmp_path}"]))
+    (tmp_path / "experts" / "math" / "init").mkdir(parents=True)
+    (tmp_path / "experts" / "math" / "weights").mkdir()
+    (tmp_path / "experts" / "math" / "manifest.json").write_text("{}")
+    (tmp_path / "btx" / "mixed").mkdir(parents=True)
+    (tmp_path / "btx" / "mixed" / "manifest.json").write_text("{}")
+    stamp = move_aside(select(units, "experts:math", None), tmp_path)
+    assert (tmp_path / "experts" / "math" / "init").is_dir()
+    assert not (tmp_path / "experts" / "math" / "manifest.json").exists()
+    assert (stamp / "experts" / "math" / "manifest.json").is_file()
+    assert (stamp / "experts" / "math" / "weights").is_dir()
+    assert (stamp / "btx" / "mixed" / "manifest.json").is_file() and not (tmp_path / "btx").joinpath("mixed").exists()
+
+
+def test_refuses_a_run_dir_of_another_experiment(tmp_path):
+    from nemo_btx.errors import ConfigError
+    from nemo_btx.stages.pipeline import _check_same_experiment
+
+    _check_same_experiment(load([f"run.dir={tmp_path}"]), tmp_path, redo=False)
+    # Where a stage runs does not change what it computes.
+    _check_same_experiment(load([f"run.dir={tmp_path}", "run.layouts.mix=ep2"]), tmp_path, redo=False)
+    with pytest.raises(ConfigError, match="another config.*seed.train_iters"):
+        _check_same_experiment(load([f"run.dir={tmp_path}", "seed.train_iters=13"]), tmp_path, redo=False)
+    # --from accepts the new config and records it.
+    _check_same_experiment(load([f"run.dir={tmp_path}", "seed.train_iters=13"]), tmp_path, redo=True)
+    assert "train_iters: 13" in (tmp_path / "config.yaml").read_text()
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    for args, key in ((["run", "--only", "nope"], "--only"), (["seed", "--from", "mix"], "--from/--only")):
+        proc = subprocess.run([sys.executable, "-m", "nemo_btx.cli", *args, f"run.dir={tmp_path}"],
+                              cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and key in proc.stderr
+    assert not (tmp_path / "data").exists()
+
+
+# ---------------------------------------------------------------- the whole run (slow)
+
+def final_numbers(rd: Path) -> dict:
+    """Every number the experiment produces, without wall times."""
+    from nemo_btx.training.budget import stage_totals
+
+    out = {}
+    for results in sorted(rd.glob("eval/*/results.json")):
+        data = json.loads(results.read_text())
+        ppl = data["nemo_btx"]["perplexity"]
+        scores = {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+                  for task, metrics in data.get("results", {}).items()}
+        out[results.parent.name] = {"perplexity": {d: v["perplexity"] for d, v in ppl.items()},
+                                    "scores": scores}
+    for manifest in sorted(rd.glob("**/manifest.json")):
+        data = json.loads(manifest.read_text())
+        if "valid_loss" in data:
+            out[str(manifest.parent.relative_to(rd))] = data["valid_loss"]
+    routing = rd / "btx" / "finetuned" / "routing.json"
+    out["routing"] = json.loads(routing.read_text())["fractions"]
+    out["ledger"] = sorted((Path(e["out"]).relative_to(rd).as_posix(), e["tokens"], e["flops"])
+                           for e in stage_totals(rd))
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    rd = tmp_path_factory.mktemp("run") / "tiny"
+    start = time.monotonic()
+    proc = nemo_run(rd)
+    return rd, time.monotonic() - start, proc
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.timeout(1500)
+def test_run_completes_every_stage(uninterrupted):
+    from nemo_btx.stages.pipeline import plan
+
+    rd, _, proc = uninterrupted
+    cfg = load([f"run.dir={rd}"])
+    assert all(u.done() for u in plan(cfg))
+    for u in plan(cfg):
+        assert (rd / "logs" / f"{u.name.replace(':', '-')}.log").is_file(), u.name
+    # The finetune ran expert-parallel on 2 processes, as the layout asked.
+    ft_log = (rd / "logs" / "finetune.log").read_text()
+    assert "--nproc-per-node=2" in ft_log and "parallel=ep2" in ft_log
+    finetune = [json.loads(x) for x in (rd / "ledger.jsonl").read_text().splitlines()
+                if json.loads(x)["stage"] == "finetune"]
+    assert finetune[-1]["world_size"] == 2
+    # The progress display named every stage as it went.
+    for name in ("seed", "experts:math", "finetune on 2 processes (ep2)", "eval:btx", "report"):
+        assert name in proc.stderr, name
+    # Running again does nothing and says so.
+    again = nemo_run(rd)
+    assert "nothing to do" in again.stderr
+    for number in final_numbers(rd)["seed"]["perplexity"].values():
+        assert math.isfinite(number)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.timeout(2400)
+def test_kill_then_rerun_equals_uninterrupted(uninterrupted, tmp_path):
+    """Killed (SIGKILL, children included) at random moments, then run again: the same
+    numbers everywhere as a run that was never interrupted."""
+    ref_dir, took, _ = uninterrupted
+    rd = tmp_path / "tiny"
+    rng = random.Random()
+    kills = []
+    for _ in range(2):
+        when = rng.uniform(3, took * 0.8)
+        proc = subprocess.Popen([sys.executable, "-m", "nemo_btx.cli", "run", f"run.dir={rd}", *SMALL],
+                                cwd=REPO, env=clean_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            proc.wait(timeout=when)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            kills.append(round(when, 1))
+    nemo_run(rd)
+    got, ref = final_numbers(rd), final_numbers(ref_dir)
+    assert got.keys() == ref.keys(), f"killed at {kills} s"
+    for key in ref:
+        assert got[key] == ref[key], f"{key} differs after kills at {kills} s"
+    report = json.loads((rd / "report" / "report.json").read_text())
+    ref_report = json.loads((ref_dir / "report" / "report.json").read_text())
+    assert report.get("tables") == ref_report.get("tables")
