@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: run test install clean
+.PHONY: run test install browser clean
 
 install: $(STAMP)
 
@@ -26,8 +26,17 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/nemo-btx run $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest $(ARGS)
+
+# Debian's chromium renders the HTML report in a test (headless). System package: needs root
+# (or sudo); without either the test says it is skipped and why.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium; } || \
+	  echo "warning: could not install chromium; the report's browser test will be skipped"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -54,3 +54,22 @@ def software_versions() -> dict:
         except metadata.PackageNotFoundError:
             pass
     return out
+
+
+def replace_dir(new: Path, final: Path) -> None:
+    """Put the complete directory `new` at `final`, replacing what was there.
+
+    `new` must be a sibling of `final` (same file system). The old directory is renamed away
+    first and deleted only after the new one is in place, so at every instant `final` is either
+    the whole old directory or the whole new one (or, for the moment between two renames, absent).
+    """
+    import shutil
+
+    new, final = Path(new), Path(final)
+    old = None
+    if final.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+        os.replace(final, old / final.name)
+    os.replace(new, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

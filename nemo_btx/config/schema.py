@@ -271,8 +271,9 @@ class FinetuneConfig(TrainStageConfig):
     variants), so one mixed checkpoint can be finetuned several ways.
     """
 
-    train_iters: int = 100
-    """Optimizer steps of the MoE stage."""
+    train_iters: int = 300
+    """Optimizer steps of the MoE stage (the tiny default: long enough for BTX to catch up
+    with each expert on its own domain after the averaging of attention)."""
     init: Optional[str] = None
     """MoE checkpoint to start from; null = <run.dir>/btx/mixed."""
     out: Optional[str] = None

@@ -24,7 +24,7 @@ SMALL = ["model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=12
          "finetune.train_iters=6", "finetune.save_interval=2", "finetune.eval_interval=3",
          "baselines.save_interval=2", "baselines.eval_interval=100",
          "eval.limit=1", "eval.max_gen_toks=8", "eval.batch_size=16",
-         "run.layouts.finetune=ep2"]
+         "run.layouts.mix=ep2", "run.layouts.finetune=ep2"]
 
 
 def nemo_run(rd, *extra, check=True, timeout=1200):
@@ -90,12 +90,12 @@ def test_multi_rank_layouts_run_under_torchrun(tmp_path):
     assert nproc_of(None, SMALL, "config") == 1
     units = {u.name: u for u in plan(load([f"run.dir={tmp_path}"]))}
     ft = units["finetune"]
-    assert ft.layout == "ep2" and units["mix"].layout is None
+    assert ft.layout == "ep2" and units["seed"].layout is None
     ft.nproc = 2
     cmd = command(ft, ["a=1"], "config")
     assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
     assert cmd[-3:] == ["finetune", "a=1", "parallel=ep2"]
-    assert command(units["mix"], [], "config")[1:] == ["-m", "nemo_btx.cli", "--config-name", "config", "mix"]
+    assert command(units["seed"], [], "config")[1:] == ["-m", "nemo_btx.cli", "--config-name", "config", "seed"]
 
 
 def test_move_aside_keeps_outputs_and_the_branched_seed(tmp_path):
@@ -121,7 +121,7 @@ def test_refuses_a_run_dir_of_another_experiment(tmp_path):
 
     _check_same_experiment(load([f"run.dir={tmp_path}"]), tmp_path, redo=False)
     # Where a stage runs does not change what it computes.
-    _check_same_experiment(load([f"run.dir={tmp_path}", "run.layouts.mix=ep2"]), tmp_path, redo=False)
+    _check_same_experiment(load([f"run.dir={tmp_path}", "run.layouts.mix=null"]), tmp_path, redo=False)
     with pytest.raises(ConfigError, match="another config.*seed.train_iters"):
         _check_same_experiment(load([f"run.dir={tmp_path}", "seed.train_iters=13"]), tmp_path, redo=False)
     # --from accepts the new config and records it.

@@ -1,0 +1,382 @@
+"""Every number the report shows, gathered from the run directory into one plain dict.
+
+Reading is kept apart from presenting so that report.json, the tables, the plots and the
+findings all come from the same values, and a test can check them against the source files.
+Nothing here fails on a missing or half-written input: an experiment is often reported while
+some stages are still running, so what is absent is listed under `missing` instead.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+#: Compared models in the order of the paper's Table 1 (experts are inserted after the seed).
+#: name -> (label, training directory relative to the run directory or None).
+BASELINE_MODELS = [
+    ("btm-top1", "BTM top-1", None),
+    ("btm-top2", "BTM top-2", None),
+    ("upcycle-data", "Sparse upcycling (data-matched)", "baselines/upcycle/data_matched"),
+    ("upcycle-compute", "Sparse upcycling (compute-matched)", "baselines/upcycle/compute_matched"),
+    ("dense", "Dense (compute-matched)", "baselines/dense"),
+    ("btx", "BTX", "btx/finetuned"),
+]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    key: str
+    title: str
+    task: str
+    """lm-eval task or group name (eval/*.yaml)."""
+    metric: str
+    filter: str
+    """Preferred filter of the metric; another filter of the same metric is the fallback."""
+
+
+#: The headline metric of each benchmark, as lm-eval reports it ("metric,filter").
+TASKS = [
+    TaskSpec("gsm8k", "GSM8K", "btx_gsm8k", "exact_match", "strict-match"),
+    TaskSpec("humaneval", "HumanEval", "btx_humaneval", "pass@1", "sandbox"),
+    TaskSpec("mmlu", "MMLU", "btx_mmlu", "acc", "none"),
+]
+
+
+def model_catalog(domains: List[str]) -> List[dict]:
+    """[{name, label, train_dir}] for every model the report compares."""
+    out = [{"name": "seed", "label": "Seed", "train_dir": "seed"}]
+    out += [{"name": f"expert-{d}", "label": f"Expert: {d}", "train_dir": f"experts/{d}"} for d in domains]
+    out += [{"name": n, "label": label, "train_dir": d} for n, label, d in BASELINE_MODELS]
+    return out
+
+
+def _read_json(path: Path) -> Optional[Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _read_jsonl(path: Path) -> List[dict]:
+    """Records of a .jsonl file; a line cut short by a kill is skipped, not fatal."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
+def _number(value) -> Optional[float]:
+    """A finite float, or None (lm-eval writes "N/A" for stderrs it did not compute)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+# --------------------------------------------------------------------------- config, versions
+
+
+def read_config(run_dir: Path, missing: List[str]) -> dict:
+    """The resolved experiment config: `<run.dir>/config.yaml`, else the seed stage's copy."""
+    import yaml
+
+    for rel in ("config.yaml", "seed/config.yaml"):
+        path = run_dir / rel
+        if path.is_file():
+            text = path.read_text()
+            if rel != "config.yaml":
+                missing.append(f"config.yaml (the experiment config; showing {rel} instead)")
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError:
+                data = None
+            return {"source": rel, "text": text, "data": data if isinstance(data, dict) else {}}
+    missing.append("config.yaml (no resolved config in the run directory)")
+    return {"source": None, "text": "", "data": {}}
+
+
+def domain_list(config: dict, manifests: Dict[str, dict]) -> List[str]:
+    """Domains in data order (the order experts are mixed in), from the config if it has them."""
+    doms = ((config.get("data") or {}).get("domains")) or []
+    names = [d.get("name") for d in doms if isinstance(d, dict) and d.get("name")]
+    if names:
+        return names
+    seen: List[str] = []
+    for m in manifests.values():
+        for d in (m.get("valid_loss") or {}):
+            if d not in seen:
+                seen.append(d)
+    return seen
+
+
+def versions(sources: Dict[str, dict]) -> dict:
+    """The software versions of the run; `differ` lists packages whose versions vary by stage."""
+    by_source = {k: v for k, v in sources.items() if isinstance(v, dict) and v}
+    merged: Dict[str, str] = {}
+    differ: Dict[str, Dict[str, str]] = {}
+    for src, vers in by_source.items():
+        for pkg, ver in vers.items():
+            merged.setdefault(pkg, ver)
+            if merged[pkg] != ver:
+                differ.setdefault(pkg, {})
+    for pkg in differ:
+        differ[pkg] = {src: v[pkg] for src, v in by_source.items() if pkg in v}
+    return {"packages": merged, "differ": differ, "sources": sorted(by_source)}
+
+
+# --------------------------------------------------------------------------- training stages
+
+
+def training_stage(run_dir: Path, rel: str) -> Optional[dict]:
+    """A training stage's manifest summary and its loss curves; None if it never started."""
+    out = run_dir / rel
+    manifest = _read_json(out / "manifest.json")
+    records = _read_jsonl(out / "metrics.jsonl")
+    if manifest is None and not records:
+        return None
+    curve: Dict[str, list] = {"step": [], "tokens": [], "loss": []}
+    valid: Dict[str, Dict[str, list]] = {}
+    for rec in records:
+        loss = _number(rec.get("loss"))
+        if loss is not None and _number(rec.get("tokens")) is not None:
+            curve["step"].append(rec.get("step"))
+            curve["tokens"].append(rec["tokens"])
+            curve["loss"].append(loss)
+        for dom, value in (rec.get("valid") or {}).items():
+            v = valid.setdefault(dom, {"tokens": [], "loss": []})
+            if _number(value) is not None:
+                v["tokens"].append(rec.get("tokens"))
+                v["loss"].append(float(value))
+    m = manifest or {}
+    return {
+        "dir": rel, "complete": bool(m.get("complete")), "stage": m.get("stage"),
+        "steps": m.get("steps"), "tokens_seen": m.get("tokens_seen"),
+        "valid_loss": {d: float(v) for d, v in (m.get("valid_loss") or {}).items() if _number(v) is not None},
+        "parent": m.get("parent"), "train_flops_per_token": m.get("train_flops_per_token"),
+        "versions": m.get("versions") or {}, "curve": curve, "valid": valid,
+    }
+
+
+# --------------------------------------------------------------------------- evaluation results
+
+
+def task_score(results: dict, spec: TaskSpec) -> Optional[float]:
+    """The headline metric of one task or group from lm-eval's results dict."""
+    for section in ("groups", "results"):
+        metrics = (results.get(section) or {}).get(spec.task)
+        if not isinstance(metrics, dict):
+            continue
+        value = _number(metrics.get(f"{spec.metric},{spec.filter}"))
+        if value is not None:
+            return value
+        for key in sorted(metrics):
+            if key.split(",")[0] == spec.metric and _number(metrics[key]) is not None:
+                return float(metrics[key])
+    return None
+
+
+def task_documents(results: dict, task: str) -> Optional[int]:
+    """Documents behind a score (a group: the sum over its subtasks), so the report can say how
+    noisy a number is."""
+    n_samples = results.get("n-samples") or {}
+    if task in n_samples:
+        entry = n_samples[task]
+        return int(entry.get("effective", entry.get("original", 0))) if isinstance(entry, dict) else None
+    subtasks = (results.get("group_subtasks") or {}).get(task)
+    if not subtasks:
+        return None
+    counts = [task_documents(results, t) for t in subtasks]
+    return sum(counts) if counts and all(c is not None for c in counts) else None
+
+
+def eval_result(run_dir: Path, name: str) -> Optional[dict]:
+    path = run_dir / "eval" / name / "results.json"
+    results = _read_json(path)
+    if not isinstance(results, dict):
+        return None
+    ours = results.get("nemo_btx") or {}
+    perplexity = {}
+    for dom, entry in (ours.get("perplexity") or {}).items():
+        value = _number(entry.get("perplexity")) if isinstance(entry, dict) else _number(entry)
+        if value is not None:
+            perplexity[dom] = value
+    return {
+        "path": str(path.relative_to(run_dir)),
+        "tasks": {t.key: task_score(results, t) for t in TASKS},
+        "documents": {t.key: task_documents(results, t.task) for t in TASKS},
+        "perplexity": perplexity, "limit": ours.get("limit"), "checkpoints": ours.get("checkpoints") or [],
+        "versions": ours.get("versions") or {},
+    }
+
+
+# --------------------------------------------------------------------------- ledger, routing
+
+
+#: Where each compute category trains, relative to the run directory (experts: experts/<d>).
+LEDGER_DIRS = {"seed": "seed", "finetune": "btx/finetuned",
+               "upcycle-data": "baselines/upcycle/data_matched",
+               "upcycle-compute": "baselines/upcycle/compute_matched", "dense": "baselines/dense"}
+
+
+def _ledger_place(out: str, run_dir: Path, domains: List[str]) -> Optional[str]:
+    """`out` relative to the run directory; a run directory that was moved after training still
+    matches by its known sub-paths."""
+    p = Path(out)
+    try:
+        return str((p if p.is_absolute() else run_dir / p).resolve().relative_to(run_dir.resolve()))
+    except ValueError:
+        pass
+    known = list(LEDGER_DIRS.values()) + [f"experts/{d}" for d in domains]
+    for rel in sorted(known, key=len, reverse=True):
+        if p.as_posix().endswith("/" + rel):
+            return rel
+    return None
+
+
+def ledger(run_dir: Path, domains: List[str]) -> List[dict]:
+    """One entry per trained output directory: its LAST ledger line, which holds the stage's
+    cumulative totals (a resumed stage appends a new line with its whole totals)."""
+    last: Dict[str, dict] = {}
+    for entry in _read_jsonl(run_dir / "ledger.jsonl"):
+        if "out" not in entry:
+            continue
+        rel = _ledger_place(str(entry["out"]), run_dir, domains)
+        key = rel if rel is not None else str(Path(entry["out"]))
+        last.pop(key, None)  # keep the order of the last lines
+        last[key] = {**entry, "rel": rel, "category": _category(rel, domains)}
+    return list(last.values())
+
+
+def _category(rel: Optional[str], domains: List[str]) -> str:
+    for cat, d in LEDGER_DIRS.items():
+        if rel == d:
+            return cat
+    if rel is not None and rel.startswith("experts/") and rel.split("/", 1)[1] in domains:
+        return "expert"
+    return "other"
+
+
+def expert_names(run_dir: Path, finetuned: Optional[dict]) -> Optional[List[str]]:
+    """Names of the MoE's experts in order, from the mix manifest of the finetune's input
+    (segments of a split expert get a #chunk suffix)."""
+    candidates = []
+    parent = (finetuned or {}).get("parent")
+    if parent:
+        p = Path(parent)
+        candidates.append(p if p.is_absolute() else run_dir / p)
+    candidates.append(run_dir / "btx" / "mixed")
+    for path in candidates:
+        manifest = _read_json(path / "manifest.json")
+        experts = ((manifest or {}).get("moe") or {}).get("experts")
+        if not experts:
+            continue
+        labels = ["+".join(str(seg.get("source")) for seg in expert) for expert in experts]
+        out, counts = [], {lab: labels.count(lab) for lab in labels}
+        seen: Dict[str, int] = {}
+        for lab in labels:
+            seen[lab] = seen.get(lab, 0) + 1
+            out.append(lab if counts[lab] == 1 else f"{lab}#{seen[lab]}")
+        return out
+    return None
+
+
+def routing(run_dir: Path, finetuned: Optional[dict], missing: List[str]) -> Optional[dict]:
+    rel = "btx/finetuned/routing.json"
+    data = _read_json(run_dir / rel)
+    if not isinstance(data, dict) or not data.get("fractions"):
+        missing.append(f"{rel} (BTX routing analysis)")
+        return None
+    fractions = {dom: {str(layer): [float(x) for x in shares] for layer, shares in by_layer.items()}
+                 for dom, by_layer in data["fractions"].items()}
+    num = data.get("num_experts") or max(len(s) for by in fractions.values() for s in by.values())
+    names = expert_names(run_dir, finetuned)
+    if names is None or len(names) != num:
+        if names is not None:
+            missing.append(f"expert names (the mix manifest lists {len(names)} experts, routing.json {num})")
+        names = [f"E{i}" for i in range(num)]
+    return {"source": rel, "domains": data.get("domains") or sorted(fractions), "experts": names,
+            "num_experts": num, "router_topk": data.get("router_topk"), "fractions": fractions}
+
+
+# --------------------------------------------------------------------------- everything
+
+
+def collect(run_dir: Path) -> dict:
+    """All inputs of the report, as plain JSON-ready data."""
+    run_dir = Path(run_dir)
+    missing: List[str] = []
+    config = read_config(run_dir, missing)
+
+    manifests = {}
+    probe = ["seed"] + [d for _, _, d in BASELINE_MODELS if d]
+    for rel in probe + [f"experts/{p.name}" for p in sorted((run_dir / "experts").glob("*"))]:
+        m = _read_json(run_dir / rel / "manifest.json")
+        if isinstance(m, dict):
+            manifests[rel] = m
+    domains = domain_list(config["data"], manifests)
+
+    models: Dict[str, dict] = {}
+    stages: Dict[str, dict] = {}
+    version_sources: Dict[str, dict] = {}
+    for spec in model_catalog(domains):
+        name, rel = spec["name"], spec["train_dir"]
+        stage = training_stage(run_dir, rel) if rel else None
+        if rel and (stage is None or not stage["complete"]):
+            missing.append(f"{rel}/manifest.json ({spec['label']}: training "
+                           f"{'not run' if stage is None else 'incomplete'})")
+        if stage is not None:
+            stages[name] = {"label": spec["label"], **stage}
+            version_sources[rel] = stage["versions"]
+        ev = eval_result(run_dir, name)
+        if ev is None:
+            missing.append(f"eval/{name}/results.json ({spec['label']}: not evaluated)")
+        else:
+            version_sources[ev["path"]] = ev["versions"]
+            gone = [t.title for t in TASKS if ev["tasks"][t.key] is None]
+            if gone:
+                missing.append(f"{ev['path']}: no {', '.join(gone)} score")
+        if name == "btx" and ev and ev["checkpoints"] and "finetuned" not in ev["checkpoints"][0]:
+            spec["label"] = "BTX (mixed, not finetuned)"  # what the eval stage falls back to
+        perplexity = {}
+        for dom in domains:
+            if ev is not None and dom in ev["perplexity"]:
+                perplexity[dom] = {"value": ev["perplexity"][dom], "source": "eval"}
+            elif stage is not None and dom in stage["valid_loss"]:
+                # Same held-out windows as the eval stage, scored during training.
+                perplexity[dom] = {"value": math.exp(stage["valid_loss"][dom]), "source": "train"}
+        models[name] = {**spec, "eval": ev, "perplexity": perplexity,
+                        "tasks": {t.key: (ev["tasks"][t.key] if ev else None) for t in TASKS}}
+
+    entries = ledger(run_dir, domains)
+    if not entries:
+        missing.append("ledger.jsonl (no compute ledger: the compute table is empty)")
+    mixed = _read_json(run_dir / "btx" / "mixed" / "manifest.json")
+    if mixed is None:
+        missing.append("btx/mixed/manifest.json (the BTX mix)")
+    return {
+        "run_dir": str(run_dir.resolve()),
+        "generated": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "domains": domains,
+        "tasks": [{"key": t.key, "title": t.title, "task": t.task, "metric": f"{t.metric},{t.filter}"}
+                  for t in TASKS],
+        "config": config,
+        "versions": versions(version_sources),
+        "models": models,
+        "stages": stages,
+        "ledger": entries,
+        "mix": {"include_seed": any(s.get("role") == "seed" for s in (mixed or {}).get("sources", [])),
+                "num_experts": ((mixed or {}).get("moe") or {}).get("num_experts"),
+                "router_init": (mixed or {}).get("router_init")} if mixed else None,
+        "routing": routing(run_dir, manifests.get("btx/finetuned"), missing),
+        "missing": missing,
+    }
