@@ -29,8 +29,14 @@ def stage_totals(run_dir: Path) -> List[dict]:
     cumulative totals. A stage resumed after a kill (or finished twice) thus counts once."""
     last = {}
     for entry in read_ledger(run_dir):
-        last[str(Path(entry["out"]).resolve())] = entry
+        last[str(out_dir(entry, run_dir))] = entry
     return list(last.values())
+
+
+def out_dir(entry: dict, run_dir: Path) -> Path:
+    """A ledger line's output directory (written relative to the run directory when inside it)."""
+    out = Path(entry["out"])
+    return (out if out.is_absolute() else Path(run_dir) / out).resolve()
 
 
 def _under(path: str, root: Path) -> bool:
@@ -43,8 +49,8 @@ def btx_flops(run_dir: Path) -> float:
     which all methods share)."""
     run_dir = Path(run_dir)
     entries = stage_totals(run_dir)
-    experts = [e for e in entries if _under(e["out"], run_dir / "experts")]
-    finetune = [e for e in entries if _under(e["out"], run_dir / "btx" / "finetuned")]
+    experts = [e for e in entries if _under(out_dir(e, run_dir), run_dir / "experts")]
+    finetune = [e for e in entries if _under(out_dir(e, run_dir), run_dir / "btx" / "finetuned")]
     if not experts or not finetune:
         raise BtxError(f"{run_dir / 'ledger.jsonl'}: no expert or BTX finetune entries; train the "
                        "experts and run `nemo-btx finetune` before the compute-matched baselines")

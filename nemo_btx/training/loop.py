@@ -252,8 +252,9 @@ def run_training(cfg: ExperimentConfig, job: TrainJob, rt,
     }
     if rt.is_main:
         # The stage's totals (all segments), so the last line per `out` is what it cost.
-        append_ledger(job.ledger or out / "ledger.jsonl", {
-            "stage": job.name, "out": str(out), "steps": [0, t.train_iters],
+        ledger = Path(job.ledger or out / "ledger.jsonl")
+        append_ledger(ledger, {
+            "stage": job.name, "out": _relative(out, ledger.parent), "steps": [0, t.train_iters],
             "tokens": tokens_total, "flops": tokens_total * flops_per_token,
             "wall_s": spent_before["wall_s"] + wall,
             "device_seconds": spent_before["device_seconds"] + wall * rt.world_size,
@@ -265,6 +266,15 @@ def run_training(cfg: ExperimentConfig, job: TrainJob, rt,
         })
     torch.distributed.barrier()
     return summary
+
+
+def _relative(path: Path, root: Path) -> str:
+    """`path` relative to the ledger's directory when inside it, so a moved or copied run
+    directory keeps a ledger that still names its own outputs."""
+    try:
+        return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def append_ledger(path: Path, entry: dict) -> None:

@@ -286,7 +286,7 @@ def test_report_of_a_real_run(tmp_path):
     last = {}
     for line in (run / "ledger.jsonl").read_text().splitlines():
         e = json.loads(line)
-        last[str(Path(e["out"]).resolve())] = e
+        last[str((run / e["out"]).resolve())] = e  # relative outs are under the run dir
     experts, finetuned = (run / "experts").resolve(), (run / "btx" / "finetuned").resolve()
     parts = [e["flops"] for out, e in last.items() if Path(out).parent == experts or Path(out) == finetuned]
     if report["compute"]["btx"]["present"]:
