@@ -1,9 +1,11 @@
-"""Shared fixtures: a torchrun launcher for multi-process CPU tests."""
+"""Shared fixtures: a torchrun launcher for multi-process CPU tests, and one small whole
+experiment (`make run`, the README's main command) that several slow tests inspect."""
 
 import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -65,3 +67,30 @@ def _fresh_megatron_state():
         parallel_state.destroy_model_parallel()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+# A small but complete experiment: every stage, every model, every task (few documents).
+SMALL_EXPERIMENT = ["model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128",
+         "model.num_attention_heads=4", "model.vocab_size=512", "model.seq_length=64",
+         "train.micro_batch_size=4", "train.global_batch_size=8", "train.lr=3e-3",
+         "data.max_chars_per_domain=150000", "data.eval_iters=1",
+         "seed.train_iters=12", "seed.eval_interval=6", "seed.save_interval=4",
+         "expert.train_iters=6", "expert.save_interval=2", "expert.eval_interval=3",
+         "finetune.train_iters=6", "finetune.save_interval=2", "finetune.eval_interval=3",
+         "baselines.save_interval=2", "baselines.eval_interval=100",
+         "eval.limit=1", "eval.max_gen_toks=8", "eval.batch_size=16",
+         "run.layouts.mix=ep2", "run.layouts.finetune=ep2"]
+
+
+
+@pytest.fixture(scope="session")
+def small_experiment(tmp_path_factory):
+    """`make run` (the README's main command) on a small budget, once per session:
+    (run dir, seconds it took, completed process)."""
+    rd = tmp_path_factory.mktemp("experiment") / "tiny"
+    start = time.monotonic()
+    proc = subprocess.run(["make", "-C", str(REPO), "run", f"VENV={sys.prefix}",
+                           f"ARGS=run.dir={rd} {' '.join(SMALL_EXPERIMENT)}"],
+                          capture_output=True, text=True, timeout=1500, env=clean_env())
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-5000:]
+    return rd, time.monotonic() - start, proc

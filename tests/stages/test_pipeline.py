@@ -12,20 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, clean_env
-
-# A small but complete experiment: every stage, every model, every task (few documents).
-SMALL = ["model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128",
-         "model.num_attention_heads=4", "model.vocab_size=512", "model.seq_length=64",
-         "train.micro_batch_size=4", "train.global_batch_size=8", "train.lr=3e-3",
-         "data.max_chars_per_domain=150000", "data.eval_iters=1",
-         "seed.train_iters=12", "seed.eval_interval=6", "seed.save_interval=4",
-         "expert.train_iters=6", "expert.save_interval=2", "expert.eval_interval=3",
-         "finetune.train_iters=6", "finetune.save_interval=2", "finetune.eval_interval=3",
-         "baselines.save_interval=2", "baselines.eval_interval=100",
-         "eval.limit=1", "eval.max_gen_toks=8", "eval.batch_size=16",
-         "run.layouts.mix=ep2", "run.layouts.finetune=ep2"]
-
+from conftest import REPO, SMALL_EXPERIMENT as SMALL, clean_env
 
 def nemo_run(rd, *extra, check=True, timeout=1200):
     proc = subprocess.run([sys.executable, "-m", "nemo_btx.cli", "run", f"run.dir={rd}", *SMALL, *extra],
@@ -164,11 +151,8 @@ def final_numbers(rd: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    rd = tmp_path_factory.mktemp("run") / "tiny"
-    start = time.monotonic()
-    proc = nemo_run(rd)
-    return rd, time.monotonic() - start, proc
+def uninterrupted(small_experiment):
+    return small_experiment
 
 
 @pytest.mark.slow
