@@ -43,7 +43,8 @@ COMMANDS: Dict[str, Tuple[str, Optional[str], str]] = {
              "nemo_btx.stages.evaluate:run", ""),
     "report": ("Markdown/HTML/JSON comparison report of the run directory",
                "nemo_btx.stages.report:run", ""),
-    "launch": ("render and submit the Slurm job chain", None, "issue 8"),
+    "launch": ("submit the experiment as a Slurm job chain (cluster.*; cluster.dry_run=true: render only)",
+               "nemo_btx.stages.launch:run", ""),
     "import-hf": ("import a Hugging Face Llama checkpoint as the seed", None, "issue 9"),
     "export-hf": ("export a dense model as Llama or the MoE as Mixtral", None, "issue 9"),
 }
@@ -123,6 +124,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "run":
             fn(cfg, overrides=args.overrides, config_name=args.config_name,
                from_stage=args.from_stage, only=args.only)
+        elif args.command == "launch":
+            if args.from_stage or args.only:
+                raise ConfigError("--from/--only", args.from_stage or args.only, "only `run` takes them")
+            fn(cfg, overrides=args.overrides, config_name=args.config_name)
         else:
             if args.from_stage or args.only:
                 raise ConfigError("--from/--only", args.from_stage or args.only, "only `run` takes them")

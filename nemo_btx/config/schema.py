@@ -372,6 +372,94 @@ class EvalConfig:
 
 
 @dataclass(kw_only=True)
+class ClusterConfig:
+    """`nemo-btx launch`: the Slurm cluster the experiment runs on, one job per stage.
+
+    The experts, the baselines and the evaluated models are array jobs (one task each); the
+    jobs are chained with `--dependency=afterok`. Every job runs the same stage command as
+    `nemo-btx run`, at the stage's layout (run.layouts.<stage>), so a re-submitted job resumes
+    from its last complete checkpoint and skips what is complete."""
+
+    partition: Optional[str] = None
+    """Partition of the GPU jobs; null = the cluster's default partition."""
+    cpu_partition: Optional[str] = None
+    """Partition of the jobs that need no GPU (data, branch, report); null = `partition`."""
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    gpus_per_node: int = 0
+    """GPUs per node. 0 = a CPU cluster (no GPU request): each job runs its layout's processes
+    on one node, under torchrun --standalone when there are more than one."""
+    nodes: int = 1
+    """Nodes of each GPU training job whose layout leaves parallel.world_size null: its world
+    size is nodes x gpus_per_node (data parallel grows with it). A layout that sets
+    parallel.world_size gets world_size / gpus_per_node nodes (per-stage sizes: run.layouts)."""
+    cpus_per_process: int = 1
+    """CPU cores per process (per GPU on a GPU cluster); a node's task asks for this times the
+    processes it runs. Also the jobs' OMP_NUM_THREADS."""
+    mem: Optional[str] = None
+    """--mem per node, e.g. 0 (all of it) or 500G; null = the cluster's default."""
+    time: str = "04:00:00"
+    """Time limit of the training jobs: seed, experts, mix, finetune, upcycle, baselines
+    (Slurm format: [days-]hours:minutes:seconds). With `requeue` a job that reaches it saves a
+    checkpoint, requeues itself and goes on, so it may be shorter than a stage."""
+    eval_time: Optional[str] = None
+    """Time limit of each eval task; null = `time`."""
+    cpu_time: Optional[str] = None
+    """Time limit of the data, branch and report jobs; null = `time`."""
+    exclusive: bool = False
+    """Ask for whole nodes (--exclusive) for the GPU jobs."""
+    python: Optional[str] = None
+    """Interpreter that runs nemo_btx in a job; null = the one running `nemo-btx launch` (its
+    venv), or `python` inside `container_image`."""
+    container_image: Optional[str] = None
+    """Run each job's processes in this container (pyxis/enroot: srun --container-image)."""
+    container_mounts: List[str] = field(default_factory=list)
+    """srun --container-mounts entries (SRC:DST), e.g. the file system holding run.dir."""
+    setup: List[str] = field(default_factory=list)
+    """Shell lines every job runs before its stage (module load ..., source venv/bin/activate)."""
+    env: List[str] = field(default_factory=list)
+    """Environment of every job as NAME=value, e.g. ['NCCL_DEBUG=WARN', 'NCCL_IB_TIMEOUT=22']."""
+    workdir: Optional[str] = None
+    """Directory the jobs run in (a relative run.dir is read from there); null = the directory
+    `nemo-btx launch` runs in."""
+    rdzv_port: int = 29500
+    """torchrun rendezvous port on a job's first node (plus the job id modulo 1000)."""
+    requeue: bool = True
+    """--requeue: a preempted job, or one stopped before its time limit, is queued again and
+    resumes from its last checkpoint."""
+    signal_seconds: int = 120
+    """The job script gets USR1 this many seconds before the time limit and asks the training
+    stage to save a checkpoint and stop; the job then requeues itself. 0 = no signal."""
+    array_parallelism: Optional[int] = None
+    """At most this many tasks of an array job run at once (--array=...%N); null = no cap."""
+    job_prefix: str = "btx"
+    """Job names are <job_prefix>-<stage>."""
+    sbatch_args: List[str] = field(default_factory=list)
+    """Extra sbatch options for every job, e.g. [--reservation=btx, --constraint=h100]."""
+    dry_run: bool = False
+    """Only render the scripts into <run.dir>/slurm/; submit nothing."""
+
+
+@dataclass(kw_only=True)
+class HFConfig:
+    """`nemo-btx import-hf` / `export-hf`: Hugging Face Llama and Mixtral checkpoints in and out."""
+
+    path: Optional[str] = None
+    """import-hf: the Hugging Face model directory (config.json, *.safetensors, tokenizer.json).
+    export-hf: a checkpoint directory to export instead of the run's `hf.model`."""
+    out: Optional[str] = None
+    """import-hf: the megatron-core checkpoint to write; null = <run.dir>/seed/imported (point
+    seed.checkpoint at it). export-hf: the Hugging Face directory; null = <run.dir>/hf/<model>."""
+    model: str = "btx"
+    """export-hf: the run's model to export: seed | expert-<domain> | btx | upcycle-data |
+    upcycle-compute | dense (a dense one becomes LlamaForCausalLM, an MoE MixtralForCausalLM)."""
+    dtype: str = choice("auto", "auto", "float32", "bfloat16", "float16")
+    """dtype of the written tensors; auto = as stored in the input."""
+    max_shard_size: str = "5GB"
+    """export-hf: largest safetensors shard, in bytes or with a unit (KB, MB, GB; powers of 1000)."""
+
+
+@dataclass(kw_only=True)
 class ExperimentConfig:
     """The root config: one experiment = one run directory."""
 
@@ -392,3 +480,5 @@ class ExperimentConfig:
     """train-expert: the domain by position in data.domains (what a Slurm array task has)."""
     smoke: SmokeConfig = field(default_factory=SmokeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    hf: HFConfig = field(default_factory=HFConfig)

@@ -153,6 +153,7 @@ def run_training(cfg: ExperimentConfig, job: TrainJob, rt,
     from megatron.core import parallel_state
 
     from nemo_btx.model.build import build_model, model_flops_per_token
+    from nemo_btx.runtime import preemption
     from nemo_btx.runtime.distributed import seed_everything
     from nemo_btx.training import checkpoint as ckpt
     from nemo_btx.training.batches import rank_microbatches
@@ -190,6 +191,7 @@ def run_training(cfg: ExperimentConfig, job: TrainJob, rt,
     flops_per_token = model_flops_per_token(cfg.model)
     metrics = _Metrics(out, start, enabled=rt.is_main)
     bar = _progress(t.train_iters, start, enabled=rt.is_main)
+    preemption.install()  # USR1 (Slurm, before the time limit) -> checkpoint and stop
     t0, steps_run = time.perf_counter(), 0
     last_valid: Dict[str, float] = {}
     try:
@@ -214,7 +216,9 @@ def run_training(cfg: ExperimentConfig, job: TrainJob, rt,
                          job.name, done, t.train_iters, r.loss, r.lr, r.grad_norm, rate, eta,
                          "" if "valid" not in record else " valid " + " ".join(
                              f"{d}={v:.3f}" for d, v in record["valid"].items()))
-            if done % stage.save_interval == 0 or done == t.train_iters:
+            # Collective (every rank, every step): all ranks stop at the same step.
+            stop = done < t.train_iters and preemption.stop_requested()
+            if stop or done % stage.save_interval == 0 or done == t.train_iters:
                 so_far = time.perf_counter() - t0
                 ckpt.save_training_checkpoint(
                     ckpt_root, chunks, optimizer, scheduler, done, cfg.model,
@@ -222,6 +226,10 @@ def run_training(cfg: ExperimentConfig, job: TrainJob, rt,
                            "wall_s": spent_before["wall_s"] + so_far,
                            "device_seconds": spent_before["device_seconds"] + so_far * rt.world_size},
                     keep=stage.keep_checkpoints)
+            if stop:
+                log.info("%s: stop requested: checkpoint at step %d saved; exiting with %d to be "
+                         "requeued", job.name, done, preemption.EXIT_REQUEUE)
+                raise preemption.Requeue()
     finally:
         if bar is not None:
             bar.close()

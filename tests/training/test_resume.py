@@ -141,3 +141,30 @@ def test_distributed_optimizer_resume_at_dp2(tmp_path):
     resumed = weights(tmp_path)
     for key in final:
         assert torch.equal(final[key], resumed[key]), key
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_usr1_checkpoints_exits_75_and_resumes_exactly(uninterrupted, tmp_path):
+    """Slurm's warning before a time limit (USR1): the loop saves a checkpoint at the next
+    step, exits with 75 (the job script requeues on it), and the requeued run ends exactly
+    like an uninterrupted one."""
+    proc = subprocess.Popen([sys.executable, str(WORKER), str(tmp_path), *TINY], cwd=REPO,
+                            env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 4:
+            break
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGUSR1)
+    assert proc.wait(timeout=120) == 75, proc.stderr.read()[-3000:]
+    assert not (tmp_path / "manifest.json").exists()
+    saved = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if not p.name.startswith("."))
+    stopped_at = len(metrics.read_text().splitlines())
+    assert saved[-1] == f"step-{stopped_at:06d}" and stopped_at < 12, saved
+    run(tmp_path)
+    assert losses(tmp_path) == losses(uninterrupted)
+    a, b = weights(uninterrupted), weights(tmp_path)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

@@ -1,0 +1,514 @@
+"""The experiment as a chain of Slurm jobs: sbatch scripts rendered from `pipeline.plan`.
+
+One job per stage of the plan, in its order; the stages with one unit per domain or model
+(experts, baselines, eval) are array jobs, one task per unit. Every task runs exactly the
+command `nemo-btx run` runs for its unit (`pipeline.command`), so stages still talk only
+through files, skip what is complete and resume from their last checkpoint.
+
+How a job starts its processes (documented in each script):
+- GPU cluster (cluster.gpus_per_node > 0): `srun` starts one task per node and each runs
+  `torchrun --nnodes $SLURM_NNODES --nproc-per-node <GPUs used per node>` with a c10d
+  rendezvous on the job's first node; the job's world size is its layout's
+  (parallel.world_size, else cluster.nodes x gpus_per_node) and must fit the layout's grid.
+- CPU cluster (gpus_per_node = 0): one node, `torchrun --standalone` with the layout's process
+  count when it is above one (the ep2 layout: 2), plain `python` otherwise; no GPU request.
+
+Dependencies: `--dependency=afterok` on the nearest parents that were submitted (PARENTS),
+with `--kill-on-invalid-dep=yes`, so a failed job cancels everything downstream of it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import sys
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+from nemo_btx.config.schema import ExperimentConfig, ParallelConfig
+from nemo_btx.errors import ConfigError
+from nemo_btx.stages.pipeline import STAGES, Unit, command, nproc_of, plan
+
+#: Stages with one array task per unit.
+ARRAY_STAGES = ("experts", "baselines", "eval")
+#: Stages that need no GPU (on a GPU cluster they go to cluster.cpu_partition).
+CPU_STAGES = ("data", "branch", "report")
+#: Direct upstream stages of each stage. upcycle needs only the seed, so it runs beside the
+#: experts; the baselines' budgets come from BTX's ledger (experts and finetune).
+PARENTS: Dict[str, tuple] = {
+    "data": (), "seed": ("data",), "branch": ("seed",), "experts": ("branch",),
+    "mix": ("experts",), "finetune": ("mix",), "upcycle": ("seed",),
+    "baselines": ("finetune", "upcycle"), "eval": ("experts", "finetune", "baselines"),
+    "report": ("eval",),
+}
+SUBMIT_SCRIPT = "submit.sh"
+
+_TIME = re.compile(r"^((\d+-)?\d+(:\d+){0,2}|UNLIMITED|INFINITE)$")
+_WORD = re.compile(r"^[A-Za-z0-9_.,:@%+/=-]+$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass
+class Job:
+    """One sbatch job: a stage's units and the resources its layout needs."""
+
+    index: int
+    stage: str
+    units: List[Unit]
+    layout: Optional[str]
+    parallel: Optional[ParallelConfig]
+    """The layout the stage trains at (None: one process, no model parallelism)."""
+    nodes: int
+    procs_per_node: int
+    gpus_per_node: int
+    cpus_per_task: int
+    partition: Optional[str]
+    time: str
+    todo: List[int] = field(default_factory=list)
+    """Indices of the units that are not complete (what a launch submits)."""
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.procs_per_node
+
+    @property
+    def is_array(self) -> bool:
+        return self.stage in ARRAY_STAGES
+
+    @property
+    def script(self) -> str:
+        return f"{self.index:02d}-{self.stage}.sbatch"
+
+    def array_spec(self, indices: Optional[Sequence[int]] = None) -> str:
+        """`0-2`, `1`, `0,2-3`: Slurm's --array syntax for these task indices."""
+        idx = sorted(range(len(self.units)) if indices is None else indices)
+        parts, start = [], None
+        for i, v in enumerate(idx):
+            if start is None:
+                start = v
+            if i + 1 == len(idx) or idx[i + 1] != v + 1:
+                parts.append(str(start) if start == v else f"{start}-{v}")
+                start = None
+        return ",".join(parts)
+
+    def layout_text(self) -> str:
+        """`tp 2 x pp 1 x cp 1 x dp 4 = 8 processes (1 node x 8 GPUs)` for the script header."""
+        where = (f"{self.nodes} node{'s' if self.nodes > 1 else ''} x {self.gpus_per_node} GPU"
+                 f"{'s' if self.gpus_per_node > 1 else ''}" if self.gpus_per_node
+                 else f"{self.nodes} node, no GPU")
+        if self.parallel is None:
+            return f"{self.world_size} process{'es' if self.world_size > 1 else ''} ({where})"
+        p = self.parallel
+        dp = self.world_size // (p.tp * p.pp * p.cp)
+        ep = f", ep {p.ep} x etp {p.tp if p.etp is None else p.etp}" if p.ep > 1 else ""
+        return (f"tp {p.tp} x pp {p.pp} x cp {p.cp} x dp {dp} = {self.world_size} processes "
+                f"({where}){ep}")
+
+
+# ------------------------------------------------------------------------------ checks
+
+def _check_word(key: str, value: Optional[str]) -> None:
+    if value is not None and not _WORD.match(str(value)):
+        raise ConfigError(key, value, "must be one word (letters, digits and _.,:@%+/=-)")
+
+
+def _check_time(key: str, value: str) -> None:
+    if not _TIME.match(str(value)):
+        raise ConfigError(key, value, "must be a Slurm time: minutes, hours:minutes:seconds or "
+                          "days-hours[:minutes[:seconds]] (e.g. 04:00:00, 2-00:00:00)")
+
+
+def check_cluster(cfg: ExperimentConfig) -> None:
+    """Every cluster.* value, one ConfigError naming the key (before anything is written)."""
+    c = cfg.cluster
+    if c.gpus_per_node < 0:
+        raise ConfigError("cluster.gpus_per_node", c.gpus_per_node, "must be >= 0 (0 = a CPU cluster)")
+    if c.nodes < 1:
+        raise ConfigError("cluster.nodes", c.nodes, "must be >= 1")
+    if c.gpus_per_node == 0 and c.nodes != 1:
+        raise ConfigError("cluster.nodes", c.nodes,
+                          "a CPU cluster (cluster.gpus_per_node=0) runs every job on one node")
+    for key in ("time", "eval_time", "cpu_time"):
+        if getattr(c, key) is not None:
+            _check_time(f"cluster.{key}", getattr(c, key))
+    if c.cpus_per_process < 1:
+        raise ConfigError("cluster.cpus_per_process", c.cpus_per_process, "must be >= 1")
+    if c.signal_seconds < 0:
+        raise ConfigError("cluster.signal_seconds", c.signal_seconds, "must be >= 0 (0 = no signal)")
+    if not 1024 <= c.rdzv_port <= 64535:
+        raise ConfigError("cluster.rdzv_port", c.rdzv_port, "must be between 1024 and 64535")
+    if c.array_parallelism is not None and c.array_parallelism < 1:
+        raise ConfigError("cluster.array_parallelism", c.array_parallelism, "must be >= 1, or null")
+    for key in ("partition", "cpu_partition", "account", "qos", "mem", "job_prefix"):
+        _check_word(f"cluster.{key}", getattr(c, key))
+    for i, item in enumerate(c.env):
+        name, eq, _ = str(item).partition("=")
+        if not eq or not _ENV_NAME.match(name):
+            raise ConfigError(f"cluster.env.{i}", item, "must be NAME=value with NAME an environment "
+                              "variable name")
+    for i, arg in enumerate(c.sbatch_args):
+        if not str(arg).startswith("-"):
+            raise ConfigError(f"cluster.sbatch_args.{i}", arg, "must be an sbatch option (--name=value)")
+    if c.python is not None and not c.python.strip():
+        raise ConfigError("cluster.python", c.python, "must name an interpreter, or be null")
+
+
+# ------------------------------------------------------------------------------ jobs
+
+def _parallel_of(cfg: ExperimentConfig, layout: Optional[str], overrides: Sequence[str],
+                 config_name: str) -> ParallelConfig:
+    if layout is None:
+        return cfg.parallel
+    from nemo_btx.config import load_config
+
+    return load_config([*overrides, f"parallel={layout}"], config_name=config_name).parallel
+
+
+def _resources(cfg: ExperimentConfig, stage: str, layout: Optional[str], overrides: Sequence[str],
+               config_name: str) -> dict:
+    """nodes, processes and GPUs per node, and the layout of one stage's job."""
+    from nemo_btx.config.validate import min_world_size
+
+    c = cfg.cluster
+    g = c.gpus_per_node
+    if g == 0:
+        # Exactly what `nemo-btx run` starts, on one node.
+        n = nproc_of(layout, overrides, config_name)
+        p = _parallel_of(cfg, layout, overrides, config_name) if n > 1 else None
+        return dict(nodes=1, procs_per_node=n, gpus_per_node=0, parallel=p)
+    if stage in CPU_STAGES:
+        return dict(nodes=1, procs_per_node=1, gpus_per_node=0, parallel=None)
+    if stage == "eval" and layout is None:
+        # Evaluation loads any checkpoint at TP=PP=EP=1 (nemo_btx/evaluation/model.py).
+        return dict(nodes=1, procs_per_node=1, gpus_per_node=1, parallel=None)
+    p = _parallel_of(cfg, layout, overrides, config_name)
+    if p.world_size is not None:  # the layout fixes the world: whole nodes of it
+        world = p.world_size
+        key, value = (f"run.layouts.{stage}", layout) if layout else ("parallel.world_size", world)
+        if world > g and world % g:
+            raise ConfigError(key, value, f"its world size {world} is not a whole number of nodes "
+                              f"of cluster.gpus_per_node={g} GPUs")
+        nodes, per_node = (1, world) if world <= g else (world // g, g)
+    else:
+        key, value = "cluster.nodes", c.nodes
+        nodes, per_node = c.nodes, g
+        world = nodes * g
+    need = min_world_size(p)
+    if world % need:
+        raise ConfigError(key, value, f"{stage} runs at layout {layout or 'parallel'} (tp {p.tp} x pp "
+                          f"{p.pp} x cp {p.cp}, ep {p.ep}), which needs a multiple of {need} "
+                          f"processes; {nodes} node(s) x {per_node} GPUs = {world}")
+    return dict(nodes=nodes, procs_per_node=per_node, gpus_per_node=per_node, parallel=p)
+
+
+def build_jobs(cfg: ExperimentConfig, overrides: Sequence[str] = (), config_name: str = "config") -> List[Job]:
+    """The jobs of the experiment, in pipeline order, with the units still to do marked."""
+    check_cluster(cfg)
+    c = cfg.cluster
+    units = plan(cfg)
+    by_stage: Dict[str, List[Unit]] = {}
+    for unit in units:
+        by_stage.setdefault(unit.stage, []).append(unit)
+    jobs: List[Job] = []
+    for stage in STAGES:
+        group = by_stage.get(stage)
+        if not group:
+            continue
+        layout = group[0].layout
+        assert all(u.layout == layout for u in group), f"{stage}: units at different layouts"
+        res = _resources(cfg, stage, layout, overrides, config_name)
+        for unit in group:
+            unit.nproc = res["procs_per_node"] * res["nodes"]
+        gpu = res["gpus_per_node"] > 0
+        jobs.append(Job(
+            index=len(jobs) + 1, stage=stage, units=group, layout=layout,
+            cpus_per_task=c.cpus_per_process * res["procs_per_node"],
+            partition=c.partition if gpu or c.gpus_per_node == 0 else (c.cpu_partition or c.partition),
+            time=time_of(cfg, stage),
+            todo=[i for i, u in enumerate(group) if not u.done()],
+            **res))
+    # New results anywhere: the report is rebuilt (as `nemo-btx run` does).
+    if any(j.todo for j in jobs[:-1]) and jobs[-1].stage == "report":
+        jobs[-1].todo = list(range(len(jobs[-1].units)))
+    return jobs
+
+
+def time_of(cfg: ExperimentConfig, stage: str) -> str:
+    c = cfg.cluster
+    if stage == "eval":
+        return c.eval_time or c.time
+    if stage in CPU_STAGES:
+        return c.cpu_time or c.time
+    return c.time
+
+
+def dependencies(jobs: List[Job], submitted: Sequence[str]) -> Dict[str, List[str]]:
+    """For each submitted stage, the nearest submitted stages upstream of it."""
+    chosen = set(submitted)
+    memo: Dict[str, List[str]] = {}
+
+    def nearest(stage: str) -> List[str]:
+        if stage not in memo:
+            out: List[str] = []
+            for parent in PARENTS[stage]:
+                for s in ([parent] if parent in chosen else nearest(parent)):
+                    if s not in out:
+                        out.append(s)
+            memo[stage] = out
+        return memo[stage]
+
+    return {j.stage: [s for s in STAGES if s in nearest(j.stage)] for j in jobs if j.stage in chosen}
+
+
+# ------------------------------------------------------------------------------ scripts
+
+@dataclass
+class Target:
+    """Where the scripts run: `workdir` None renders paths relative to the submit directory
+    (the checked-in examples); otherwise jobs `--chdir` there and logs use absolute paths."""
+
+    workdir: Optional[str]
+    python: str
+    config_name: str = "config"
+    overrides: Sequence[str] = ()
+
+    @classmethod
+    def for_launch(cls, cfg: ExperimentConfig, overrides: Sequence[str], config_name: str) -> "Target":
+        c = cfg.cluster
+        python = c.python or ("python" if c.container_image else sys.executable)
+        return cls(os.path.abspath(c.workdir or os.getcwd()), python, config_name,
+                   stage_overrides(overrides))
+
+    def run_dir(self, cfg: ExperimentConfig) -> str:
+        rd = cfg.run.dir
+        return rd if self.workdir is None or os.path.isabs(rd) else os.path.join(self.workdir, rd)
+
+
+def stage_overrides(overrides: Sequence[str]) -> List[str]:
+    """The overrides the stage commands get: all but cluster.* (they only shape the jobs)."""
+    return [o for o in overrides if not o.lstrip("+~").startswith("cluster.")]
+
+
+def _q(text) -> str:
+    return shlex.quote(str(text))
+
+
+def _dq(text: str) -> str:
+    """Inside double quotes, keeping $VARIABLES (e.g. $SLURM_SUBMIT_DIR) live."""
+    return '"' + str(text).replace("\\", "\\\\").replace('"', '\\"').replace("`", "\\`") + '"'
+
+
+_RUNNER = r'''
+# Stop cleanly before the time limit: sbatch sends USR1 (--signal) to this script, which
+# creates the stop file; a training stage then saves a checkpoint and exits, and the job
+# requeues itself and resumes from that checkpoint. Every start/end goes to events.jsonl.
+STOP_FILE=$RUN_DIR/slurm/stop/$SLURM_JOB_ID
+export NEMO_BTX_STOP_FILE=$STOP_FILE
+mkdir -p "$RUN_DIR/slurm/stop"
+rm -f "$STOP_FILE"
+event() {
+  printf '{"unit": "%s", "job": "%s", "array_job": "%s", "task": "%s", "event": "%s", "rc": %s, "time": %s, "restart": %s, "host": "%s"}\n' \
+    "$UNIT" "$SLURM_JOB_ID" "${SLURM_ARRAY_JOB_ID:-}" "${SLURM_ARRAY_TASK_ID:-}" "$1" "${2:-null}" \
+    "$(date +%s.%N)" "${SLURM_RESTART_COUNT:-0}" "$(hostname -s)" >> "$RUN_DIR/slurm/events.jsonl"
+}
+stopping=0
+on_usr1() { stopping=1; echo "nemo-btx: time limit near: $UNIT saves a checkpoint and stops"; touch "$STOP_FILE"; }
+trap on_usr1 USR1
+
+event start
+echo "nemo-btx: $UNIT (job $SLURM_JOB_ID, restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST:-?}: ${LAUNCH[*]} ${CLI[*]}"
+"${LAUNCH[@]}" "${CLI[@]}" &
+child=$!
+while :; do
+  rc=0
+  wait "$child" || rc=$?
+  kill -0 "$child" 2>/dev/null || break  # still running: the wait was cut short by USR1
+done
+if [ "$rc" -ne 0 ] && { [ "$stopping" = 1 ] || [ "$rc" -eq 75 ]; }; then
+  event requeue "$rc"
+  echo "nemo-btx: $UNIT stopped early (exit $rc): requeueing job $SLURM_JOB_ID"
+  scontrol requeue "$SLURM_JOB_ID" && exit 0
+fi
+event end "$rc"
+exit "$rc"
+'''
+
+
+def render_script(job: Job, cfg: ExperimentConfig, target: Target, has_parents: bool) -> str:
+    c = cfg.cluster
+    rd = target.run_dir(cfg)
+    logs = os.path.join(rd, "slurm", "logs")
+    lines = ["#!/bin/bash"]
+    what = {"experts": "one array task per domain", "baselines": "one array task per baseline",
+            "eval": "one array task per model"}.get(job.stage)
+    lines.append(f"# nemo-btx: stage `{job.stage}` of the experiment in {cfg.run.dir}"
+                 f"{f' ({what})' if what else ''}.")
+    lines.append("# Rendered by `nemo-btx launch` from the experiment config; the stage command is the")
+    lines.append("# one `nemo-btx run` runs, so a resubmitted job skips what is complete and resumes.")
+    if job.is_array:
+        lines.append("# Tasks: " + " ".join(f"{i}={u.item}" for i, u in enumerate(job.units)))
+        lines.append("# Re-run failed tasks alone: sbatch --array=1 THIS_SCRIPT (complete tasks skip anyway).")
+    lines.append(f"# Layout {job.layout or 'parallel (the experiment default)'}: {job.layout_text()}")
+    sb = [f"--job-name={c.job_prefix}-{job.stage}"]
+    if job.is_array:
+        spec = job.array_spec()
+        sb.append(f"--array={spec}{f'%{c.array_parallelism}' if c.array_parallelism else ''}")
+    sb += [f"--nodes={job.nodes}", "--ntasks-per-node=1", f"--cpus-per-task={job.cpus_per_task}"]
+    if job.gpus_per_node:
+        sb.append(f"--gpus-per-node={job.gpus_per_node}")
+        if c.exclusive and job.procs_per_node == c.gpus_per_node:
+            sb.append("--exclusive")
+    if c.mem is not None:
+        sb.append(f"--mem={c.mem}")
+    sb.append(f"--time={job.time}")
+    for key, value in (("partition", job.partition), ("account", c.account), ("qos", c.qos)):
+        if value:
+            sb.append(f"--{key}={value}")
+    if target.workdir is not None:
+        sb.append(f"--chdir={target.workdir}")
+    sb.append(f"--output={logs}/%x-{'%A_%a' if job.is_array else '%j'}.out")
+    sb.append("--open-mode=append")
+    sb.append("--requeue" if c.requeue else "--no-requeue")
+    if c.signal_seconds:
+        sb.append(f"--signal=B:USR1@{c.signal_seconds}")
+    if has_parents:
+        sb.append("--kill-on-invalid-dep=yes")
+    sb += list(c.sbatch_args)
+    lines += [f"#SBATCH {opt}" for opt in sb]
+    lines += ["set -euo pipefail", "", f"RUN_DIR={_dq(rd)}", f"PYTHON={_dq(target.python)}",
+              f"export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-{c.cpus_per_process}}}",
+              "export PYTHONUNBUFFERED=1"]
+    for item in c.env:
+        name, _, value = str(item).partition("=")
+        lines.append(f"export {name}={_q(value)}")
+    if c.setup:
+        lines += ["# cluster.setup", *c.setup]
+
+    # The stage command: pipeline.command() of each unit, the per-unit part in a case.
+    lines += ["", "# The stage command: what `nemo-btx run` runs for this unit.",
+              f"OVERRIDES=({' '.join(_q(o) for o in target.overrides)})"]
+    tail = [f"parallel={job.layout}"] if job.layout else []
+    for unit in job.units:
+        # The script's CLI below, spelled out: it must be pipeline.command()'s.
+        assert _cli_of(unit, target) == ["-m", "nemo_btx.cli", "--config-name", target.config_name,
+                                         *unit.args, *target.overrides, *tail], unit.name
+    if job.is_array:
+        lines.append('case "${SLURM_ARRAY_TASK_ID:?an array job: submit it with --array}" in')
+        for i, unit in enumerate(job.units):
+            lines.append(f"  {i}) UNIT={_q(unit.name)}; ARGS=({' '.join(_q(a) for a in unit.args)}) ;;")
+        lines.append('  *) echo "nemo-btx: no unit for array task $SLURM_ARRAY_TASK_ID" >&2; exit 2 ;;')
+        lines.append("esac")
+    else:
+        (unit,) = job.units
+        lines.append(f"UNIT={_q(unit.name)}; ARGS=({' '.join(_q(a) for a in unit.args)})")
+    lines.append(f'CLI=(-m nemo_btx.cli --config-name {_q(target.config_name)} "${{ARGS[@]}}" '
+                 f'"${{OVERRIDES[@]}}"{"".join(" " + _q(t) for t in tail)})')
+
+    lines.append("")
+    lines += _launch_lines(job, cfg)
+    return "\n".join(lines) + "\n" + _RUNNER
+
+
+def _cli_of(unit: Unit, target: Target) -> List[str]:
+    """The unit's command after the interpreter, from pipeline.command (the same as `run`)."""
+    nproc = unit.nproc
+    unit.nproc = 1
+    try:
+        cmd = command(unit, target.overrides, target.config_name)
+    finally:
+        unit.nproc = nproc
+    return cmd[1:]
+
+
+def _launch_lines(job: Job, cfg: ExperimentConfig) -> List[str]:
+    c = cfg.cluster
+    srun = ['srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" '
+            "--kill-on-bad-exit=1"]
+    if c.container_image:
+        mounts = f" --container-mounts={_q(','.join(c.container_mounts))}" if c.container_mounts else ""
+        srun.append(f'--container-image={_q(c.container_image)}{mounts} --container-workdir="$PWD"')
+    out = []
+    if job.gpus_per_node and job.world_size > 1:
+        out += [f"# One task per node runs torchrun with {job.procs_per_node} ranks; rendezvous on the first node.",
+                'HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+                "LAUNCH=(" + " ".join(srun),
+                f'        "$PYTHON" -m torch.distributed.run --nnodes="$SLURM_NNODES" '
+                f"--nproc-per-node={job.procs_per_node}",
+                f'        --rdzv-backend=c10d --rdzv-endpoint="$HEAD:$(({c.rdzv_port} + SLURM_JOB_ID % 1000))" '
+                '--rdzv-id="$SLURM_JOB_ID")']
+    elif job.world_size > 1:
+        out += [f"# One node, no GPU: torchrun --standalone with {job.procs_per_node} ranks (as `nemo-btx run`).",
+                "LAUNCH=(" + " ".join(srun),
+                f'        "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node={job.procs_per_node})']
+    else:
+        out += ["# One process.", "LAUNCH=(" + " ".join(srun) + ' "$PYTHON")']
+    return out
+
+
+def render_submit(jobs: List[Job], cfg: ExperimentConfig, target: Target, only_todo: bool) -> str:
+    """submit.sh: sbatch every job (only those with units to do when `only_todo`), chained."""
+    rd = target.run_dir(cfg)
+    chosen = [j for j in jobs if j.todo or not only_todo]
+    deps = dependencies(jobs, [j.stage for j in chosen])
+    lines = ["#!/bin/bash",
+             f"# Submit the nemo-btx job chain of {cfg.run.dir} (rendered by `nemo-btx launch`).",
+             "# A job starts when its parents completed (afterok); when one fails, the jobs after it",
+             "# are cancelled (--kill-on-invalid-dep=yes). Fix the cause and run `nemo-btx launch` with",
+             "# the same overrides again: it submits only what is incomplete.",
+             *([] if target.workdir else ["# Run it from the directory the jobs should run in (the repository)."]),
+             "set -euo pipefail",
+             'HERE=$(cd "$(dirname "$0")" && pwd)',
+             f"mkdir -p {_dq(os.path.join(rd, 'slurm', 'logs'))}",
+             "submit() { sbatch --parsable \"$@\" | cut -d ';' -f 1; }"]
+    for job in chosen:
+        opts = []
+        if job.is_array and only_todo and job.todo != list(range(len(job.units))):
+            par = cfg.cluster.array_parallelism
+            opts.append(f"--array={job.array_spec(job.todo)}{f'%{par}' if par else ''}")
+        if deps[job.stage]:
+            opts.append("--dependency=afterok:" + ":".join(f"${d}" for d in deps[job.stage]))
+        var = job.stage
+        lines.append(f'{var}=$(submit {" ".join(opts) + " " if opts else ""}"$HERE/{job.script}")')
+        lines.append(f'echo "{job.stage} ${var}"')
+    return "\n".join(lines) + "\n"
+
+
+def render_files(cfg: ExperimentConfig, target: Target, jobs: Optional[List[Job]] = None,
+                 only_todo: bool = False) -> Dict[str, str]:
+    """Every script of the chain by file name (the job scripts and submit.sh)."""
+    jobs = jobs if jobs is not None else build_jobs(cfg, target.overrides, target.config_name)
+    files = {}
+    for job in jobs:
+        files[job.script] = render_script(job, cfg, target, has_parents=bool(PARENTS[job.stage]))
+    files[SUBMIT_SCRIPT] = render_submit(jobs, cfg, target, only_todo)
+    return files
+
+
+#: The checked-in example chain (slurm/<name>/): what a cluster user reads and submits by hand.
+EXAMPLES = {"llama2_7b_h100": ["experiment=llama2_7b_h100"]}
+
+
+def example_files(name: str) -> Dict[str, str]:
+    """The scripts of an example chain, paths relative to the directory it is submitted from."""
+    from nemo_btx.config import load_config
+
+    overrides = EXAMPLES[name]
+    cfg = load_config(overrides)
+    target = Target(workdir=None, python=cfg.cluster.python or "python", overrides=stage_overrides(overrides))
+    return render_files(cfg, target)
+
+
+if __name__ == "__main__":  # python -m nemo_btx.slurm.render: rewrite slurm/<example>/
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "slurm"
+    for example in EXAMPLES:
+        out = root / example
+        out.mkdir(parents=True, exist_ok=True)
+        for old in out.iterdir():
+            old.unlink()
+        for fname, text in example_files(example).items():
+            (out / fname).write_text(text)
+            (out / fname).chmod(0o755)
+        print(f"wrote {out}")

@@ -1,0 +1,30 @@
+#!/bin/bash
+# Submit the nemo-btx job chain of runs/llama2_7b (rendered by `nemo-btx launch`).
+# A job starts when its parents completed (afterok); when one fails, the jobs after it
+# are cancelled (--kill-on-invalid-dep=yes). Fix the cause and run `nemo-btx launch` with
+# the same overrides again: it submits only what is incomplete.
+# Run it from the directory the jobs should run in (the repository).
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+mkdir -p "runs/llama2_7b/slurm/logs"
+submit() { sbatch --parsable "$@" | cut -d ';' -f 1; }
+data=$(submit "$HERE/01-data.sbatch")
+echo "data $data"
+seed=$(submit --dependency=afterok:$data "$HERE/02-seed.sbatch")
+echo "seed $seed"
+branch=$(submit --dependency=afterok:$seed "$HERE/03-branch.sbatch")
+echo "branch $branch"
+experts=$(submit --dependency=afterok:$branch "$HERE/04-experts.sbatch")
+echo "experts $experts"
+mix=$(submit --dependency=afterok:$experts "$HERE/05-mix.sbatch")
+echo "mix $mix"
+finetune=$(submit --dependency=afterok:$mix "$HERE/06-finetune.sbatch")
+echo "finetune $finetune"
+upcycle=$(submit --dependency=afterok:$seed "$HERE/07-upcycle.sbatch")
+echo "upcycle $upcycle"
+baselines=$(submit --dependency=afterok:$finetune:$upcycle "$HERE/08-baselines.sbatch")
+echo "baselines $baselines"
+eval=$(submit --dependency=afterok:$experts:$finetune:$baselines "$HERE/09-eval.sbatch")
+echo "eval $eval"
+report=$(submit --dependency=afterok:$eval "$HERE/10-report.sbatch")
+echo "report $report"

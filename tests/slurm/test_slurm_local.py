@@ -1,0 +1,211 @@
+"""`nemo-btx launch` on a real one-node Slurm cluster (slurm/local_cluster.sh) on loopback.
+
+The tiny experiment's chain runs as Slurm jobs: the expert array tasks side by side, every job
+after its parents; a failed expert task cancels what depends on it, and launching again
+retrains that expert alone; a job told to stop before its time limit requeues and resumes.
+"""
+
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, SMALL_EXPERIMENT, clean_env
+
+pytestmark = pytest.mark.slow
+
+# The small experiment with one baseline and perplexity-only evaluation (8 eval tasks).
+CHAIN = [*SMALL_EXPERIMENT, "baselines.which=[dense_compute]", "eval.tasks=[]"]
+ACTIVE = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED")
+
+
+def _free_port_pair() -> int:
+    for _ in range(100):
+        port = random.randrange(20000, 40000)
+        try:
+            for p in (port, port + 1):
+                with socket.socket() as s:
+                    s.bind(("0.0.0.0", p))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair")
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """A private Slurm cluster for this module: start, yield its environment, stop."""
+    if shutil.which("slurmctld") is None and os.geteuid() != 0:
+        pytest.skip("Slurm is not installed and installing it (apt-get) needs root")
+    state = tmp_path_factory.mktemp("slurm")
+    env = clean_env(BTX_SLURM_DIR=str(state), BTX_SLURM_PORT=str(_free_port_pair()))
+    script = str(REPO / "slurm" / "local_cluster.sh")
+    proc = subprocess.run(["bash", script, "start"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"local cluster did not start:\n{proc.stdout}\n{proc.stderr}"
+    env["SLURM_CONF"] = str(state / "slurm.conf")
+    try:
+        yield env
+    finally:
+        subprocess.run(["bash", script, "stop"], env=env, capture_output=True, text=True, timeout=120)
+
+
+def launch(env, rd, *extra, check=True):
+    proc = subprocess.run([sys.executable, "-m", "nemo_btx.cli", "launch", f"run.dir={rd}", *CHAIN, *extra],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def jobs_of(rd) -> dict:
+    return json.loads((Path(rd) / "slurm" / "jobs.json").read_text())["jobs"]
+
+
+def squeue(env, ids):
+    proc = subprocess.run(["squeue", "-h", "-o", "%i %T %r", "-j", ",".join(ids)], env=env,
+                          capture_output=True, text=True, timeout=60)
+    return [line.split() for line in proc.stdout.splitlines() if line.strip()] if proc.returncode == 0 else []
+
+
+def wait_for(env, rd, timeout=360, until=None):
+    """Poll until no job of the last launch is pending or running (or `until()` holds)."""
+    ids = [j["id"] for j in jobs_of(rd).values()]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if until is not None and until():
+            return
+        rows = squeue(env, ids)
+        if not any(r[1] in ACTIVE for r in rows):
+            return
+        stuck = [r for r in rows if len(r) > 2 and r[2] in ("PartitionConfig", "ReqNodeNotAvail")]
+        assert not stuck, f"jobs the node can never run: {stuck}"
+        time.sleep(1)
+    pytest.fail(f"jobs still queued after {timeout} s: {squeue(env, ids)}\n{log_tail(rd)}")
+
+
+def events(rd) -> list:
+    path = Path(rd) / "slurm" / "events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def spans(evs) -> dict:
+    """unit -> (first start, last end, last rc)."""
+    out = {}
+    for e in evs:
+        start, end, rc = out.get(e["unit"], (None, None, None))
+        if e["event"] == "start":
+            start = e["time"] if start is None else start
+        elif e["event"] == "end":
+            end, rc = e["time"], e["rc"]
+        out[e["unit"]] = (start, end, rc)
+    return out
+
+
+def log_tail(rd) -> str:
+    return "\n".join(f"--- {p.name}\n{p.read_text()[-1200:]}" for p in sorted((Path(rd) / "slurm" / "logs").glob("*")))
+
+
+def test_chain_runs_on_local_slurm(slurm, tmp_path):
+    from nemo_btx.config import load_config
+    from nemo_btx.slurm.render import PARENTS
+    from nemo_btx.stages.pipeline import plan
+
+    rd = tmp_path / "run"
+    start = time.monotonic()
+    launch(slurm, rd)
+    wait_for(slurm, rd)
+    took = time.monotonic() - start
+    units = [u.name for u in plan(load_config([f"run.dir={rd}", *CHAIN]))]
+    span = spans(events(rd))
+    failed = {u: span.get(u) for u in units if span.get(u, (0, 0, 1))[2] != 0}
+    assert not failed, f"units not completed: {failed}\n{log_tail(rd)}"
+    assert (rd / "report" / "report.json").is_file()
+
+    # The expert array tasks ran side by side (2 CPUs, one per task).
+    experts = [span[u] for u in units if u.startswith("experts:")]
+    overlaps = [(a, b) for i, a in enumerate(experts) for b in experts[i + 1:]
+                if max(a[0], b[0]) < min(a[1], b[1])]
+    assert overlaps, f"expert tasks did not overlap: {experts}"
+    # Every job started after all of its parents ended.
+    stage_of = {u: u.split(":")[0] for u in units}
+    for u in units:
+        for parent in PARENTS[stage_of[u]]:
+            for p in (x for x in units if stage_of[x] == parent):
+                assert span[u][0] >= span[p][1], f"{u} started before {p} ended"
+    # Launching again finds every stage complete and submits nothing.
+    proc = launch(slurm, rd)
+    assert "nothing to submit" in proc.stderr
+    print(f"chain of {len(units)} units on Slurm: {took:.0f} s")
+
+
+def test_failed_expert_is_retrained_alone(slurm, tmp_path):
+    rd = tmp_path / "run"
+    flag = tmp_path / "fail-math"
+    hook = tmp_path / "hook.sh"
+    # Only array task 1 of the experts job (math) fails, while the flag exists.
+    hook.write_text(f'if [ "$SLURM_JOB_NAME" = btx-experts ] && [ "${{SLURM_ARRAY_TASK_ID:-}}" = 1 ] '
+                    f'&& [ -e {flag} ]; then echo "injected failure" >&2; exit 3; fi\n')
+    flag.touch()
+    setup = f"cluster.setup=['. {hook}']"
+    launch(slurm, rd, setup)
+    first = jobs_of(rd)
+    # A second chain in the same run directory is refused while the first is queued.
+    proc = launch(slurm, rd, setup, check=False)
+    assert proc.returncode == 1 and "still queued or running" in proc.stderr, proc.stderr
+    wait_for(slurm, rd)
+    experts = {d: rd / "experts" / d / "manifest.json" for d in ("code", "math", "wiki")}
+    assert experts["code"].is_file() and experts["wiki"].is_file() and not experts["math"].is_file()
+    # Nothing downstream started; Slurm cancelled it (dependency never satisfied).
+    assert {e["unit"].split(":")[0] for e in events(rd)} == {"data", "seed", "branch", "experts"}
+    for stage in ("mix", "finetune", "baselines", "eval", "report"):
+        out = subprocess.run(["scontrol", "show", "job", first[stage]["id"]], env=slurm, capture_output=True,
+                             text=True, timeout=60).stdout
+        assert "JobState=CANCELLED" in out and "DependencyNeverSatisfied" in out, out
+    mtimes = {d: experts[d].stat().st_mtime_ns for d in ("code", "wiki")}
+    n_events = len(events(rd))
+
+    flag.unlink()
+    launch(slurm, rd, setup)
+    second = jobs_of(rd)
+    assert second["experts"]["array"] == "1" and second["experts"]["units"] == ["experts:math"]
+    assert not {"data", "seed", "branch"} & set(second)
+    wait_for(slurm, rd)
+    assert (rd / "report" / "report.json").is_file(), log_tail(rd)
+    assert {d: experts[d].stat().st_mtime_ns for d in ("code", "wiki")} == mtimes
+    again = [e for e in events(rd)[n_events:] if e["unit"].startswith("experts:")]
+    assert {e["unit"] for e in again} == {"experts:math"}
+    assert all(e["rc"] in (None, 0) for e in events(rd)[n_events:])
+
+
+def test_job_requeues_before_time_limit(slurm, tmp_path):
+    """USR1 before the time limit: the stage stops (exit 75), the job requeues and finishes.
+
+    A stand-in interpreter plays the stage (the training loop's side is tested in
+    test_slurm_scripts): experts:code waits for the stop file on its first run.
+    """
+    rd = tmp_path / "run"
+    fake = tmp_path / "fake-python"
+    fake.write_text('#!/bin/bash\ncase " $* " in *" domain=code "*) ;; *) exit 0 ;; esac\n'
+                    'if [ "${SLURM_RESTART_COUNT:-0}" = 0 ]; then\n'
+                    '  for i in $(seq 1 1500); do [ -e "$NEMO_BTX_STOP_FILE" ] && exit 75; sleep 0.2; done\n'
+                    '  exit 1\nfi\nexit 0\n')
+    fake.chmod(0o755)
+    launch(slurm, rd, f"cluster.python={fake}")
+    jobs = jobs_of(rd)
+    wait_for(slurm, rd, timeout=120, until=lambda: "experts:code" in spans(events(rd)))
+    # What sbatch --signal=B:USR1@N does N seconds before the time limit (scancel may report an
+    # error when the job requeues before its reply: the events below are what counts).
+    subprocess.run(["scancel", "--signal=USR1", "--batch", f"{jobs['experts']['id']}_0"], env=slurm,
+                   capture_output=True, timeout=60)
+    wait_for(slurm, rd, timeout=240)
+    code = [(e["event"], e["rc"], e["restart"]) for e in events(rd) if e["unit"] == "experts:code"]
+    assert code == [("start", None, 0), ("requeue", 75, 0), ("start", None, 1), ("end", 0, 1)], log_tail(rd)
+    span = spans(events(rd))
+    assert span["report"][2] == 0 and span["mix"][0] >= span["experts:code"][1]
