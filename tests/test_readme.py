@@ -39,3 +39,5 @@ def test_readme_run_command_runs_the_main_job(small_experiment):
         assert (rd / "report" / name).stat().st_size > 1000
     assert (rd / "config.yaml").is_file()
     assert "run: report at" in proc.stderr
+    # The run ends by printing the report's findings count and its Table 1.
+    assert "checked claims hold" in proc.stdout and "| BTX |" in proc.stdout

@@ -378,7 +378,27 @@ def run(cfg: ExperimentConfig, overrides: Sequence[str] = (), config_name: str =
                 run_unit(unit, overrides, config_name, rd / "logs", display, lock_fd)
                 display.end(unit, "done")
         log.info("run: finished %d stage(s) in %.0f s", len(todo), time.monotonic() - started)
-        if (rd / "report" / "report.md").is_file():
-            log.info("run: report at %s (and report.html, report.json)", rd / "report" / "report.md")
+        report_md = rd / "report" / "report.md"
+        if report_md.is_file():
+            print(_headline(report_md.read_text()), flush=True)
+            log.info("run: report at %s (and report.html, report.json)", report_md)
     finally:
         os.close(lock_fd)
+
+
+def _headline(markdown: str) -> str:
+    """The report's findings count and its Table 1, for the console at the end of a run."""
+    lines = markdown.splitlines()
+    out = [line for line in lines if "checked claims hold" in line][:1]
+    start = next((i for i, line in enumerate(lines) if line.startswith("**Table 1")), None)
+    if start is not None:
+        out.append(lines[start])
+        for line in lines[start + 1:]:
+            if line.startswith("|") or not line.strip():
+                if line.strip():
+                    out.append(line)
+                elif len(out) > 2:
+                    break
+            else:
+                break
+    return "\n".join(out)
