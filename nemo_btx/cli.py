@@ -45,8 +45,10 @@ COMMANDS: Dict[str, Tuple[str, Optional[str], str]] = {
                "nemo_btx.stages.report:run", ""),
     "launch": ("submit the experiment as a Slurm job chain (cluster.*; cluster.dry_run=true: render only)",
                "nemo_btx.stages.launch:run", ""),
-    "import-hf": ("import a Hugging Face Llama checkpoint as the seed", None, "issue 9"),
-    "export-hf": ("export a dense model as Llama or the MoE as Mixtral", None, "issue 9"),
+    "import-hf": ("import a Hugging Face Llama checkpoint as the seed (hf.path=DIR)",
+                  "nemo_btx.stages.hf:import_hf", ""),
+    "export-hf": ("export a dense model as Llama or the MoE as Mixtral (hf.model=NAME or hf.path=DIR)",
+                  "nemo_btx.stages.hf:export_hf", ""),
 }
 
 

@@ -448,7 +448,7 @@ class HFConfig:
     """import-hf: the Hugging Face model directory (config.json, *.safetensors, tokenizer.json).
     export-hf: a checkpoint directory to export instead of the run's `hf.model`."""
     out: Optional[str] = None
-    """import-hf: the megatron-core checkpoint to write; null = <run.dir>/seed/imported (point
+    """import-hf: the megatron-core checkpoint to write; null = <run.dir>/imported (point
     seed.checkpoint at it). export-hf: the Hugging Face directory; null = <run.dir>/hf/<model>."""
     model: str = "btx"
     """export-hf: the run's model to export: seed | expert-<domain> | btx | upcycle-data |

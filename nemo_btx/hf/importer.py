@@ -1,0 +1,195 @@
+"""A Hugging Face Llama directory -> a megatron-core dense checkpoint (+ its tokenizer).
+
+The target tensors are not described by hand: the dense GPTModel of the imported config is
+built on the meta device (shapes only) exactly as training will build it, and its
+`sharded_state_dict()` lists every tensor with its global key, shape and offsets (the mix
+stage does the same, `mixing/shards.py`). Each one is filled from its Hugging Face pieces
+(`layout.join`) and the whole is written by megatron-core's `dist_checkpointing.save`, so the
+result is an ordinary weights checkpoint: `seed.checkpoint` adopts it, `eval` scores it,
+`branch` copies it. Memory: one copy of the model (the output tensors); the Hugging Face
+files are mapped and read tensor by tensor.
+
+Output (written into `.<out>.tmp`, renamed when complete):
+
+    <out>/                   torch_dist files + btx_checkpoint.json (marker: the model config)
+    <out>/manifest.json      source, HF config, dtype, the model.* overrides that rebuild it
+    <out>/tokenizer/         tokenizer.json (+ tokenizer_config.json, special_tokens_map.json):
+                             data.tokenizer.kind=hf data.tokenizer.path=<out>/tokenizer
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from nemo_btx.config.schema import ExperimentConfig, ModelConfig
+from nemo_btx.errors import BtxError, CheckpointError
+from nemo_btx.hf import layout
+from nemo_btx.hf.config import model_config_from_llama, read_config
+from nemo_btx.hf.exporter import DTYPES, TOKENIZER_FILES
+from nemo_btx.hf.files import HFReader
+
+log = logging.getLogger(__name__)
+
+#: Buffers some older Llama checkpoints carry; recomputed by every implementation.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+#: Fields that say what the imported model is (the overrides later stages need).
+_MODEL_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                 "num_query_groups", "kv_channels", "vocab_size", "max_position_embeddings",
+                 "norm_epsilon", "rotary_base", "init_method_std")
+
+
+def overrides_for(model: ModelConfig, base: ModelConfig) -> List[str]:
+    """`model.*=value` for every field where the imported model differs from `base`."""
+    out = []
+    for name in _MODEL_FIELDS:
+        value = getattr(model, name)
+        if value != getattr(base, name):
+            out.append(f"model.{name}={'null' if value is None else value}")
+    return out
+
+
+def _own_runtime(cfg: ExperimentConfig) -> bool:
+    """A one-process megatron-core runtime; False when this process already has a fitting one."""
+    from megatron.core import parallel_state
+
+    from nemo_btx.runtime.distributed import init_runtime
+
+    if torch.distributed.is_initialized() and parallel_state.model_parallel_is_initialized():
+        if torch.distributed.get_world_size() != 1:
+            raise BtxError("import-hf runs in a single process (it writes a TP=PP=1 checkpoint, "
+                           "which loads at any layout)")
+        return False
+    if int(os.environ.get("WORLD_SIZE", "1")) != 1:
+        raise BtxError("import-hf runs in a single process; start it without torchrun")
+    init_runtime(cfg)
+    return True
+
+
+def _check_tensors(reader: HFReader, pieces, tied: bool, where: Path) -> None:
+    names = set(reader.names())
+    for p in pieces:
+        name = "model.embed_tokens.weight" if (p.name == "lm_head.weight" and tied and p.name not in names) else p.name
+        if name not in names:
+            raise CheckpointError(f"{where}: has no tensor {name!r}")
+        if reader.shape(name) != p.shape:
+            raise CheckpointError(f"{where}: tensor {name!r} has shape {list(reader.shape(name))}, "
+                                  f"config.json implies {list(p.shape)}")
+    known = {p.name for p in pieces}
+    for name in sorted(names - known):
+        if not name.endswith(_IGNORED_SUFFIXES):
+            raise CheckpointError(f"{where}: tensor {name!r} has no megatron-core counterpart "
+                                  "(not a plain Llama checkpoint)")
+
+
+def _fill(shards, pieces, get, model: ModelConfig, padded_vocab: int, target: torch.dtype) -> dict:
+    """The state dict to save: every meta shard with its data joined from the HF pieces."""
+    parts: Dict[Tuple[str, tuple], Dict[str, str]] = {}
+    for p in pieces:
+        parts.setdefault((p.key, p.lead), {})[p.part] = p.name
+    state, last = {}, (None, None)
+    for i, shard in enumerate(shards):
+        sh = shard.sh
+        n = sh.prepend_axis_num
+        key = layout.ALIASES.get(sh.key, (sh.key,))[0]
+        lead = tuple(sh.global_offset[:n])
+        if (key, lead) not in parts:
+            raise CheckpointError(f"megatron-core tensor {sh.key!r} {list(lead)} has no Llama "
+                                  "counterpart (an unexpected layer spec)")
+        if last[0] != (key, lead):
+            last = (None, None)
+            full = layout.join({part: get(name) for part, name in parts[(key, lead)].items()},
+                               model, padded_vocab)
+            last = ((key, lead), full)
+        full = last[1]
+        region = tuple(slice(o, o + s) for o, s in zip(sh.global_offset[n:], sh.local_shape))
+        if tuple(full[region].shape) != tuple(sh.local_shape):
+            raise CheckpointError(f"{sh.key}: the Hugging Face tensors give {list(full.shape)}, "
+                                  f"megatron-core expects {list(sh.global_shape[n:])}")
+        data = full[region].to(dtype=target, memory_format=torch.contiguous_format, copy=True)
+        state[f"t{i}"] = dataclasses.replace(sh, data=data, dtype=target, replica_id=0)
+    return state
+
+
+def import_llama(hf_dir: Path, out: Path, base: ModelConfig, *, dtype: str = "auto",
+                 name: Optional[str] = None) -> ModelConfig:
+    """Convert the Llama model in `hf_dir` into a weights checkpoint at `out`; return its
+    ModelConfig. `base` supplies what config.json does not say (seq_length, vocabulary
+    padding); the imported model is written into the checkpoint's marker."""
+    from megatron.core import dist_checkpointing
+
+    from nemo_btx.artifacts import software_versions, write_json_atomic
+    from nemo_btx.mixing.shards import target_shards
+    from nemo_btx.model.build import build_model, padded_vocab_size
+    from nemo_btx.runtime.distributed import shutdown
+    from nemo_btx.training import checkpoint as ckpt
+
+    hf_dir, out = Path(hf_dir), Path(out)
+    hf = read_config(hf_dir)
+    model = model_config_from_llama(hf, base, where=str(hf_dir / "config.json"),
+                                    name=name or hf_dir.resolve().name)
+    reader = HFReader(hf_dir)
+    tied = bool(hf.get("tie_word_embeddings", False))
+    pieces = layout.pieces(model)
+    _check_tensors(reader, pieces, tied, hf_dir)
+    stored = reader.dtype("model.embed_tokens.weight")
+    target = DTYPES[dtype] if dtype != "auto" else stored
+
+    def get(tensor: str) -> torch.Tensor:
+        if tensor == "lm_head.weight" and tied and tensor not in reader:
+            tensor = "model.embed_tokens.weight"  # untie: the output layer gets a copy
+        return reader.get(tensor)
+
+    cfg = ExperimentConfig(model=model)
+    cfg.train.precision = "fp32"  # the meta model only describes tensors; their dtype is `target`
+    own = _own_runtime(cfg)
+    tmp = out.parent / f".{out.name}.tmp"
+    try:
+        with torch.device("meta"):
+            chunks = build_model(cfg, wrap_ddp=False)
+        shards, objects = target_shards(chunks)
+        del chunks
+        state = _fill(shards, pieces, get, model, padded_vocab_size(model, 1), target)
+        for i, obj in enumerate(objects):
+            state[f"o{i}"] = obj
+        if tmp.exists():
+            log.warning("removing %s left by an interrupted import", tmp)
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        dist_checkpointing.save(state, str(tmp))
+        del state
+        source = str(hf_dir.resolve())
+        write_json_atomic(tmp / ckpt.MARKER, ckpt.make_marker(
+            "weights", ckpt.current_layout(), model, {"stage": "import-hf", "source": source}))
+        has_tokenizer = (hf_dir / "tokenizer.json").is_file()
+        if has_tokenizer:
+            (tmp / "tokenizer").mkdir()
+            for f in TOKENIZER_FILES:
+                if (hf_dir / f).is_file():
+                    shutil.copyfile(hf_dir / f, tmp / "tokenizer" / f)
+        else:
+            log.warning("import-hf: %s has no tokenizer.json; the data stage needs one "
+                        "(data.tokenizer.kind=hf data.tokenizer.path=...)", hf_dir)
+        write_json_atomic(tmp / "manifest.json", {
+            "stage": "import-hf", "complete": True, "source": source, "hf_config": hf,
+            "dtype": str(target).replace("torch.", ""), "tied_embeddings_untied": tied,
+            "model": dataclasses.asdict(model), "overrides": overrides_for(model, base),
+            "tokenizer": "tokenizer" if has_tokenizer else None, "versions": software_versions()})
+        if out.exists():
+            raise BtxError(f"{out}: appeared while importing; not overwriting it")
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if own:
+            shutdown()
+    log.info("import-hf: %s -> %s (%d layers, hidden %d, %s)", hf_dir, out, model.num_layers,
+             model.hidden_size, str(target).replace("torch.", ""))
+    return model
