@@ -268,10 +268,11 @@ def test_html_renders_in_headless_chromium(run, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("NEMO_BTX_REAL_RUN"),
-                    reason="set NEMO_BTX_REAL_RUN to a run directory made by `nemo-btx run`")
-def test_report_of_a_real_run(tmp_path):
-    run = Path(os.environ["NEMO_BTX_REAL_RUN"])
+@pytest.mark.distributed
+@pytest.mark.timeout(1500)
+def test_report_of_a_real_run(tmp_path, request):
+    """On a run made by `nemo-btx run`: $NEMO_BTX_REAL_RUN, else the session's small experiment."""
+    run = Path(os.environ.get("NEMO_BTX_REAL_RUN") or request.getfixturevalue("small_experiment")[0])
     report = build_report(run, tmp_path / "report")
     # Every evaluated model's numbers are its results.json's.
     for name, m in report["models"].items():
