@@ -32,8 +32,14 @@ def test_readme_has_exactly_two_setup_commands():
 def test_readme_run_command_runs_the_main_job(small_experiment):
     """`make run` is the whole experiment ending in its report (here on a small budget)."""
     rd, _, proc = small_experiment
+    from nemo_btx.evaluation.benchmarks import unavailable
+
     report = json.loads((rd / "report" / "report.json").read_text())
-    assert report["missing"] == []
+    if unavailable("btx_gsm8k") is None:
+        assert report["missing"] == []
+    else:  # no GSM8K on this machine: skipped, and the report says why for every model
+        assert report["missing"] and all("no GSM8K score (skipped: GSM8K: no hub" in m
+                                         for m in report["missing"]), report["missing"]
     assert {row["key"] for row in report["tables"]["results"]["rows"]} >= {"seed", "btx", "dense"}
     for name in ("report.md", "report.html"):
         assert (rd / "report" / name).stat().st_size > 1000

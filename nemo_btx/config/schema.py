@@ -364,6 +364,10 @@ class EvalConfig:
     data_dir: Optional[str] = None
     """Local benchmark data (<dir>/gsm8k/*.jsonl) when no hub is reachable; null = $NEMO_BTX_EVAL_DATA
     or the shared/data directory beside the repository."""
+    missing_data: str = choice("skip", "skip", "error")
+    """A task whose documents are not on this machine (GSM8K with no hub and no local copy):
+    skip: evaluate the others and record why (results.json, the report); error: stop before
+    anything runs (`nemo-btx run` checks first). The 7B preset says error."""
     btm_prior: str = choice("uniform", "uniform", "estimate")
     """BTM prior over experts: uniform, or estimated as the mean posterior on validation data."""
     btm_routing: str = choice("posterior", "posterior", "tfidf")

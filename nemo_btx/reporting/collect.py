@@ -216,6 +216,7 @@ def eval_result(run_dir: Path, name: str) -> Optional[dict]:
         "documents": {t.key: task_documents(results, t.task) for t in TASKS},
         "perplexity": perplexity, "limit": ours.get("limit"), "checkpoints": ours.get("checkpoints") or [],
         "versions": ours.get("versions") or {},
+        "skipped": ours.get("skipped_tasks") or {},
     }
 
 
@@ -344,7 +345,8 @@ def collect(run_dir: Path) -> dict:
             version_sources[ev["path"]] = ev["versions"]
             gone = [t.title for t in TASKS if ev["tasks"][t.key] is None]
             if gone:
-                missing.append(f"{ev['path']}: no {', '.join(gone)} score")
+                why = "; ".join(sorted(set(ev["skipped"].values())))
+                missing.append(f"{ev['path']}: no {', '.join(gone)} score" + (f" (skipped: {why})" if why else ""))
         if name == "btx" and ev and ev["checkpoints"] and "finetuned" not in ev["checkpoints"][0]:
             spec["label"] = "BTX (mixed, not finetuned)"  # what the eval stage falls back to
         perplexity = {}

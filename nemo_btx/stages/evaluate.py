@@ -98,10 +98,11 @@ def evaluate_model(cfg: ExperimentConfig, name: str) -> Optional[Path]:
     lm = build_lm(cfg, name, paths)
     try:
         results = {}
-        if cfg.eval.tasks:
+        tasks, skipped = runnable_tasks(cfg)
+        if tasks:
             from nemo_btx.evaluation.runner import run_tasks
 
-            results = run_tasks(lm, cfg.eval.tasks, limit=cfg.eval.limit, data_dir=cfg.eval.data_dir)
+            results = run_tasks(lm, tasks, limit=cfg.eval.limit, data_dir=cfg.eval.data_dir)
         perplexity = None
         if cfg.eval.perplexity:
             from nemo_btx.evaluation.runner import domain_perplexity
@@ -115,7 +116,8 @@ def evaluate_model(cfg: ExperimentConfig, name: str) -> Optional[Path]:
         shutdown()
     results["nemo_btx"] = {
         "model": name, "checkpoints": [str(p) for p in paths], "perplexity": perplexity,
-        "limit": cfg.eval.limit, "tasks": list(cfg.eval.tasks), "seconds": time.monotonic() - start,
+        "limit": cfg.eval.limit, "tasks": list(tasks), "skipped_tasks": skipped,
+        "seconds": time.monotonic() - start,
         "btm": {"prior": cfg.eval.btm_prior, "routing": cfg.eval.btm_routing} if name.startswith("btm") else None,
         "versions": software_versions(), "complete": True}
     write_json_atomic(out, results)
@@ -127,6 +129,12 @@ def evaluate_model(cfg: ExperimentConfig, name: str) -> Optional[Path]:
         log.info("eval %s: perplexity %s", name, {d: round(v["perplexity"], 3) for d, v in perplexity.items()})
     log.info("eval %s: wrote %s (%.0f s)", name, out, time.monotonic() - start)
     return out
+
+
+def runnable_tasks(cfg: ExperimentConfig):
+    from nemo_btx.evaluation.benchmarks import runnable
+
+    return runnable(cfg.eval.tasks, cfg.eval.data_dir, cfg.eval.missing_data)
 
 
 def _with_model_shape(cfg: ExperimentConfig, lm) -> ExperimentConfig:

@@ -343,6 +343,10 @@ def run(cfg: ExperimentConfig, overrides: Sequence[str] = (), config_name: str =
     rd = run_dir(cfg)
     units = plan(cfg)
     redo = select(units, from_stage, only)
+    # Benchmark data missing on this machine: say so now, not after the training.
+    from nemo_btx.evaluation.benchmarks import runnable
+
+    runnable(cfg.eval.tasks, cfg.eval.data_dir, cfg.eval.missing_data)
     nprocs = {}
     for unit in units:
         if unit.layout not in nprocs:
