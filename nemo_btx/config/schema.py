@@ -261,6 +261,11 @@ class MixConfig:
     blended: bool = False
     """The paper's blended-experts ablation: each of the N experts is made of one 1/N chunk of
     every source FFN, so no expert keeps a domain identity (see nemo_btx/mixing/experts.py)."""
+    format: str = choice("megatron", "megatron", "mixtral")
+    """megatron: a megatron-core MoE checkpoint. mixtral: a Hugging Face MixtralForCausalLM
+    directory at mix.out (required), merged straight from Hugging Face Llama experts
+    (mix.experts; the seed too if mix.include_seed), same merge rules. Hugging Face experts
+    select mixtral automatically (nemo_btx/hf/merge.py)."""
 
 
 @dataclass(kw_only=True)

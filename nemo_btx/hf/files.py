@@ -55,6 +55,7 @@ class HFReader:
                               if others else ""))
         files = sorted(set(weight_map.values())) if weight_map else [SINGLE]
         self._handles = {}
+        self._headers: Dict[str, tuple] = {}
         self._where: Dict[str, str] = {}
         for name in files:
             path = self.dir / name
@@ -89,6 +90,31 @@ class HFReader:
 
     def get(self, name: str) -> torch.Tensor:
         return self._handles[self._where[name]].get_tensor(name)
+
+    def read(self, name: str) -> torch.Tensor:
+        """`name` read into a tensor of its own with plain reads, not through the file mapping
+        `get` uses: pages of a mapping stay in the process's RSS until the file is closed, so a
+        streaming pass over whole models would end up holding them all."""
+        file = self._where[name]
+        if file not in self._headers:
+            with open(self.dir / file, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                self._headers[file] = (8 + n, json.loads(f.read(n)))
+        start, header = self._headers[file]
+        info = header[name]
+        begin, end = info["data_offsets"]
+        buf = torch.empty(end - begin, dtype=torch.uint8)
+        view, done = memoryview(buf.numpy()), 0
+        with open(self.dir / file, "rb", buffering=0) as f:
+            f.seek(start + begin)
+            while done < len(view):
+                got = f.readinto(view[done:])
+                if not got:
+                    raise BtxError(f"{self.dir / file}: truncated inside tensor {name!r}")
+                done += got
+        if info["dtype"] not in _ST_DTYPES:
+            raise BtxError(f"{self.dir}: tensor {name!r} is stored as {info['dtype']}")
+        return buf.view(_ST_DTYPES[info["dtype"]]).view(info["shape"])
 
 
 _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
@@ -125,6 +151,52 @@ def write_shards(directory: Path, shards: List[List[str]], produce: Callable[[st
             weight_map[name] = file
         save_file(tensors, str(Path(directory) / file), metadata={"format": "pt"})
         del tensors
+        on_shard(i + 1, n)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (Path(directory) / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return index
+
+
+_ST_CODES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+def stream_shards(directory: Path, shards: List[List[str]], meta: Dict[str, Tuple[torch.dtype, Tuple[int, ...]]],
+                  produce: Callable[[str], torch.Tensor],
+                  *, on_shard: Callable[[int, int], None] = lambda i, n: None) -> dict:
+    """Like `write_shards`, but each tensor is written to its file as soon as it is produced:
+    the header (names, dtypes, shapes, offsets: all known from `meta` beforehand) goes first,
+    then the tensors' bytes in order. Memory: one tensor, not one shard. The files are what
+    `safetensors.torch.save_file` writes (8-byte header length, JSON header padded with spaces
+    to a multiple of 8, the data in header order)."""
+    n = len(shards)
+    weight_map, total = {}, 0
+    for i, names in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name in names:
+            dtype, shape = meta[name]
+            size = torch.tensor([], dtype=dtype).element_size()
+            for d in shape:
+                size *= d
+            header[name] = {"dtype": _ST_CODES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + size]}
+            offset += size
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        with open(Path(directory) / file, "wb") as f:
+            f.write(len(blob).to_bytes(8, "little"))
+            f.write(blob)
+            for name in names:
+                t = produce(name)
+                dtype, shape = meta[name]
+                if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                    raise BtxError(f"{name}: produced {t.dtype} {list(t.shape)}, "
+                                   f"planned {dtype} {list(shape)}")
+                t = t.contiguous()
+                f.write(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
+                total += t.numel() * t.element_size()
+                weight_map[name] = file
+                del t
         on_shard(i + 1, n)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (Path(directory) / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

@@ -3,6 +3,8 @@
 Run it as a job at the layout the MoE will train at (e.g. `torchrun --nproc_per_node 8 -m
 nemo_btx.cli mix parallel.ep=4 parallel.tp=2`): each rank reads only the slices it writes.
 Output: <run.dir>/btx/mixed (or mix.out), a megatron-core checkpoint with manifest.json.
+With Hugging Face Llama experts or mix.format=mixtral: a Mixtral directory at mix.out
+(`nemo_btx/hf/merge.py`, one process).
 """
 
 from __future__ import annotations
@@ -29,14 +31,22 @@ def _validation_batches(cfg: ExperimentConfig):
 def resolve_config(cfg: ExperimentConfig) -> ExperimentConfig:
     """The config with the MoE model this stage writes, so the CLI validates the target layout
     (e.g. parallel.ep) against the real number of experts. Reads only the sources' markers."""
+    from nemo_btx.hf.merge import wants_hf_merge
     from nemo_btx.mixing.plan import plan_mix
 
+    if wants_hf_merge(cfg):  # Hugging Face experts -> Mixtral: no megatron model to validate
+        return cfg
     return plan_mix(cfg).moe_config(cfg)
 
 
 def run(cfg: ExperimentConfig) -> None:
+    from nemo_btx.hf.merge import merge_from_config, wants_hf_merge
     from nemo_btx.mixing.job import run_plan
     from nemo_btx.mixing.plan import plan_mix
+
+    if wants_hf_merge(cfg):  # mix.format=mixtral or Hugging Face experts (nemo_btx/hf/merge.py)
+        merge_from_config(cfg)
+        return
 
     plan = plan_mix(cfg)
     batches = _validation_batches(cfg) if plan.router_init == "data" else None

@@ -13,8 +13,12 @@ from nemo_btx.config.schema import ExperimentConfig
 def resolve_config(cfg: ExperimentConfig) -> ExperimentConfig:
     """The config with the MoE model this stage writes, so the CLI validates the target layout
     (e.g. parallel.ep) against the real number of experts. Reads only the sources' markers."""
+    from nemo_btx.errors import ConfigError
     from nemo_btx.mixing.plan import plan_upcycle
 
+    if cfg.mix.format != "megatron":
+        raise ConfigError("mix.format", cfg.mix.format, "upcycle writes a megatron-core MoE (the "
+                          "baselines train it); export it afterwards with `nemo-btx export-hf`")
     return plan_upcycle(cfg).moe_config(cfg)
 
 
