@@ -7,11 +7,14 @@ the old state or the whole new one.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -73,3 +76,27 @@ def replace_dir(new: Path, final: Path) -> None:
     os.replace(new, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_dir(out: Path, doing: str) -> Iterator[Path]:
+    """Build a new output directory as `.<out>.tmp` beside it; rename it to `out` only when the
+    block completes. A leftover from a killed run is removed first; on any error the staging
+    directory is removed and `out` never appears. `out` must not exist (checked again at the
+    end, so a concurrent writer is never overwritten); `doing` names the work in that error."""
+    out = Path(out)
+    tmp = out.parent / f".{out.name}.tmp"
+    if tmp.exists():
+        logging.getLogger(__name__).warning("removing %s left by an interrupted run", tmp)
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if out.exists():
+            from nemo_btx.errors import BtxError
+
+            raise BtxError(f"{out}: appeared while {doing}; not overwriting it")
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

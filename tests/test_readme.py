@@ -2,13 +2,10 @@
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import clean_env
 
 REPO = Path(__file__).resolve().parents[1]
 

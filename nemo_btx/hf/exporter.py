@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -28,14 +27,16 @@ import torch
 from nemo_btx.errors import BtxError, CheckpointError
 from nemo_btx.hf import layout
 from nemo_btx.hf.config import check_exportable, llama_config, mixtral_config
-from nemo_btx.hf.files import plan_shards, write_shards
+from nemo_btx.artifacts import staged_dir
+from nemo_btx.hf.files import plan_shards, write_model_configs, write_shards
 from nemo_btx.hf.routing import check_mixtral_routing
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _NAMES = {v: k for k, v in DTYPES.items()}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model")
 _MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
 
 
@@ -153,12 +154,7 @@ def export_checkpoint(path: Path, out: Path, *, dtype: str = "auto", max_shard_b
 
     if out.exists():
         raise BtxError(f"{out}: already exists; choose another hf.out or remove it")
-    tmp = out.parent / f".{out.name}.tmp"
-    if tmp.exists():
-        log.warning("removing %s left by an interrupted export", tmp)
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_dir(out, "exporting") as tmp:
         def produce(name: str) -> torch.Tensor:
             p = by_name[name]
             full = src.read(p.key, p.lead)
@@ -173,13 +169,7 @@ def export_checkpoint(path: Path, out: Path, *, dtype: str = "auto", max_shard_b
         tokens = tokenizer_files(tokenizer_dir, tmp, model)
         make = mixtral_config if moe else llama_config
         config = make(model, dtype=_NAMES[target], tokens=tokens)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        generation = {k: v for k, v in tokens.items() if v is not None}
-        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_model_configs(tmp, config, tokens)
     arch = config["architectures"][0]
     log.info("export-hf: %s -> %s (%s, %d tensors in %d shards, %.1f MB, %s)", path, out, arch,
              len(pieces), len(shards), index["metadata"]["total_size"] / 1e6, _NAMES[target])

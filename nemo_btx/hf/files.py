@@ -201,3 +201,12 @@ def stream_shards(directory: Path, shards: List[List[str]], meta: Dict[str, Tupl
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (Path(directory) / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return index
+
+
+def write_model_configs(out: Path, config: dict, tokens: dict) -> None:
+    """config.json, and generation_config.json with the known special token ids."""
+    import json
+
+    (Path(out) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    generation = {k: v for k, v in tokens.items() if v is not None}
+    (Path(out) / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")

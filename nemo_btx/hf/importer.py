@@ -124,7 +124,7 @@ def import_llama(hf_dir: Path, out: Path, base: ModelConfig, *, dtype: str = "au
     padding); the imported model is written into the checkpoint's marker."""
     from megatron.core import dist_checkpointing
 
-    from nemo_btx.artifacts import software_versions, write_json_atomic
+    from nemo_btx.artifacts import software_versions, staged_dir, write_json_atomic
     from nemo_btx.mixing.shards import target_shards
     from nemo_btx.model.build import build_model, padded_vocab_size
     from nemo_btx.runtime.distributed import shutdown
@@ -149,7 +149,6 @@ def import_llama(hf_dir: Path, out: Path, base: ModelConfig, *, dtype: str = "au
     cfg = ExperimentConfig(model=model)
     cfg.train.precision = "fp32"  # the meta model only describes tensors; their dtype is `target`
     own = _own_runtime(cfg)
-    tmp = out.parent / f".{out.name}.tmp"
     try:
         with torch.device("meta"):
             chunks = build_model(cfg, wrap_ddp=False)
@@ -158,35 +157,26 @@ def import_llama(hf_dir: Path, out: Path, base: ModelConfig, *, dtype: str = "au
         state = _fill(shards, pieces, get, model, padded_vocab_size(model, 1), target)
         for i, obj in enumerate(objects):
             state[f"o{i}"] = obj
-        if tmp.exists():
-            log.warning("removing %s left by an interrupted import", tmp)
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        dist_checkpointing.save(state, str(tmp))
-        del state
-        source = str(hf_dir.resolve())
-        write_json_atomic(tmp / ckpt.MARKER, ckpt.make_marker(
-            "weights", ckpt.current_layout(), model, {"stage": "import-hf", "source": source}))
-        has_tokenizer = (hf_dir / "tokenizer.json").is_file()
-        if has_tokenizer:
-            (tmp / "tokenizer").mkdir()
-            for f in TOKENIZER_FILES:
-                if (hf_dir / f).is_file():
-                    shutil.copyfile(hf_dir / f, tmp / "tokenizer" / f)
-        else:
-            log.warning("import-hf: %s has no tokenizer.json; the data stage needs one "
-                        "(data.tokenizer.kind=hf data.tokenizer.path=...)", hf_dir)
-        write_json_atomic(tmp / "manifest.json", {
-            "stage": "import-hf", "complete": True, "source": source, "hf_config": hf,
-            "dtype": str(target).replace("torch.", ""), "tied_embeddings_untied": tied,
-            "model": dataclasses.asdict(model), "overrides": overrides_for(model, base),
-            "tokenizer": "tokenizer" if has_tokenizer else None, "versions": software_versions()})
-        if out.exists():
-            raise BtxError(f"{out}: appeared while importing; not overwriting it")
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with staged_dir(out, "importing") as tmp:
+            dist_checkpointing.save(state, str(tmp))
+            del state
+            source = str(hf_dir.resolve())
+            write_json_atomic(tmp / ckpt.MARKER, ckpt.make_marker(
+                "weights", ckpt.current_layout(), model, {"stage": "import-hf", "source": source}))
+            has_tokenizer = (hf_dir / "tokenizer.json").is_file()
+            if has_tokenizer:
+                (tmp / "tokenizer").mkdir()
+                for f in TOKENIZER_FILES:
+                    if (hf_dir / f).is_file():
+                        shutil.copyfile(hf_dir / f, tmp / "tokenizer" / f)
+            else:
+                log.warning("import-hf: %s has no tokenizer.json; the data stage needs one "
+                            "(data.tokenizer.kind=hf data.tokenizer.path=...)", hf_dir)
+            write_json_atomic(tmp / "manifest.json", {
+                "stage": "import-hf", "complete": True, "source": source, "hf_config": hf,
+                "dtype": str(target).replace("torch.", ""), "tied_embeddings_untied": tied,
+                "model": dataclasses.asdict(model), "overrides": overrides_for(model, base),
+                "tokenizer": "tokenizer" if has_tokenizer else None, "versions": software_versions()})
     finally:
         if own:
             shutdown()

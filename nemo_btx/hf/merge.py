@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -35,10 +34,12 @@ from typing import Dict, Optional, Sequence
 import torch
 
 from nemo_btx.config.schema import ExperimentConfig, ModelConfig
-from nemo_btx.errors import BtxError, CheckpointError, ConfigError
+from nemo_btx.errors import CheckpointError, ConfigError
 from nemo_btx.hf import layout
 from nemo_btx.hf.config import LLAMA, mixtral_config, model_config_from_llama, read_config
-from nemo_btx.hf.files import HFReader, plan_shards, stream_shards
+from nemo_btx.artifacts import staged_dir
+from nemo_btx.hf.exporter import TOKENIZER_FILES
+from nemo_btx.hf.files import HFReader, plan_shards, stream_shards, write_model_configs
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,6 @@ _SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_
                  "num_query_groups", "kv_channels", "vocab_size")
 #: Mixtral expert tensor -> the Llama MLP tensor it is copied from.
 _EXPERT = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                    "tokenizer.model")
 
 
 def is_hf_llama(path) -> bool:
@@ -191,34 +190,20 @@ def merge_llamas(experts: Sequence, out, *, base: Optional[ModelConfig] = None, 
         return acc.to(stored)
 
     started = time.perf_counter()
-    tmp = out.parent / f".{out.name}.tmp"
-    if tmp.exists():
-        log.warning("removing %s left by an interrupted merge", tmp)
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_dir(out, "merging") as tmp:
         index = stream_shards(tmp, shards, meta, produce, on_shard=lambda i, k: log.info(
             "mix: shard %d/%d written", i, k))
         tokens = {k: first.hf.get(k) for k in ("bos_token_id", "eos_token_id")}
-        for f in _TOKENIZER_FILES:
+        for f in TOKENIZER_FILES:
             if (first.path / f).is_file():
                 shutil.copyfile(first.path / f, tmp / f)
-        config = mixtral_config(moe, dtype=dtype_name, tokens=tokens)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        generation = {k: v for k, v in tokens.items() if v is not None}
-        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        write_model_configs(tmp, mixtral_config(moe, dtype=dtype_name, tokens=tokens), tokens)
         summary = {"stage": "mix", "format": "mixtral", "sources": [str(p) for p in paths],
                    "weights": w, "router_init": router_init, "router_seed": seed,
                    "num_experts": n, "router_topk": topk, "dtype": dtype_name,
                    "tensors": len(pieces), "shards": len(shards),
                    "bytes": index["metadata"]["total_size"]}
         (tmp / "btx_mix.json").write_text(json.dumps(summary, indent=2) + "\n")
-        if out.exists():
-            raise BtxError(f"{out}: appeared while merging; not overwriting it")
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("mix: %d Hugging Face experts -> %s (MixtralForCausalLM, %d experts top-%d, "
              "%.1f MB, %s) in %.2f s", n, out, n, topk, summary["bytes"] / 1e6, dtype_name,
              time.perf_counter() - started)

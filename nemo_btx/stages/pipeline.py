@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import fcntl
 import logging
-import math
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
@@ -254,7 +252,6 @@ def run_unit(unit: Unit, overrides: Sequence[str], config_name: str, logs: Path,
             # torchrun turns SIGTERM into stopping its workers; a plain stage can just die.
             preexec_fn=_set_pdeathsig(signal.SIGTERM if unit.nproc > 1 else signal.SIGKILL))
         assert proc.stdout is not None
-        buf = b""
         try:
             while True:
                 chunk = proc.stdout.read1(65536)
@@ -262,7 +259,6 @@ def run_unit(unit: Unit, overrides: Sequence[str], config_name: str, logs: Path,
                     break
                 out.write(chunk.decode(errors="replace"))
                 out.flush()
-                buf = (buf + chunk)[-8192:]
                 for piece in re.split(rb"[\r\n]", chunk)[::-1]:
                     progress = _progress_of(piece.decode(errors="replace"))
                     if progress:
