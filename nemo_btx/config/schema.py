@@ -266,6 +266,9 @@ class MixConfig:
     directory at mix.out (required), merged straight from Hugging Face Llama experts
     (mix.experts; the seed too if mix.include_seed), same merge rules. Hugging Face experts
     select mixtral automatically (nemo_btx/hf/merge.py)."""
+    threads: Optional[int] = None
+    """mix.format=mixtral: worker threads of the merge (they read, average and write different
+    pieces of the output at once); null = the CPUs this process may use, at most 8."""
 
 
 @dataclass(kw_only=True)

@@ -28,15 +28,13 @@ from nemo_btx.errors import BtxError, CheckpointError
 from nemo_btx.hf import layout
 from nemo_btx.hf.config import check_exportable, llama_config, mixtral_config
 from nemo_btx.artifacts import staged_dir
-from nemo_btx.hf.files import plan_shards, write_model_configs, write_shards
+from nemo_btx.hf.files import TOKENIZER_FILES, plan_shards, write_model_configs, write_shards
 from nemo_btx.hf.routing import check_mixtral_routing
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _NAMES = {v: k for k, v in DTYPES.items()}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenizer.model")
 _MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
 
 

@@ -1,30 +1,44 @@
-"""safetensors in and out.
+"""safetensors in and out; torch only where tensors are made.
 
 Reading: a Hugging Face directory holds `model.safetensors`, or shards listed in
-`model.safetensors.index.json` (`weight_map`: tensor -> file). Files are opened with
-`safe_open`, which maps them, so a tensor is read only when asked for.
+`model.safetensors.index.json` (`weight_map`: tensor -> file). The headers are parsed here
+(8-byte little-endian length, JSON: name -> dtype, shape, data_offsets) and checked the way
+safetensors checks them (offsets consistent with dtype x shape, tensors tiling the data with no
+gap or overlap, the data exactly as long as the header says, so a truncated file is caught
+before anything is read). `HFDir` needs no torch: the Hugging Face merge reads raw bytes from
+the offsets; `HFReader` adds torch tensors for import and export.
 
 Writing: tensors are assigned to shards by their sizes before anything is read (the names
-`model-0000i-of-0000n.safetensors` need the count), then each shard is filled from a producer
-one tensor at a time and written, so at most one shard's tensors are in memory.
+`model-0000i-of-0000n.safetensors` need the count). `header_blob` lays out one file's header,
+so a writer can put every tensor at its final offset in any order (the merge does);
+`write_shards` fills shards from a producer one tensor at a time.
 `model.safetensors.index.json` lists them, as `save_pretrained` does.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Tuple
-
-import torch
+from typing import Callable, Dict, Iterable, List, Sequence, Tuple
 
 from nemo_btx.errors import BtxError
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+#: Tokenizer files copied along with a model (whichever exist).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model")
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+#: Bytes per element of every safetensors dtype code.
+ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2,
+            "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "F64": 8, "I64": 8, "U64": 8}
+#: The dtypes model weights may be stored in here.
+FLOATS = ("F32", "BF16", "F16")
+_MAX_HEADER = 100 * 2**20
 
 
 def parse_size(text) -> int:
@@ -35,16 +49,83 @@ def parse_size(text) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
-class HFReader:
-    """Lazy access to the tensors of a Hugging Face model directory."""
+@dataclass(frozen=True)
+class Entry:
+    """One tensor of a safetensors file."""
+
+    dtype: str
+    """safetensors dtype code (F32, BF16, ...)."""
+    shape: Tuple[int, ...]
+    start: int
+    """Absolute byte offset of its data in the file."""
+    nbytes: int
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def read_header(path: Path) -> Dict[str, Entry]:
+    """The tensors of one safetensors file, after the checks above (errors name the file)."""
+    def bad(why: str) -> BtxError:
+        return BtxError(f"{path}: not a readable safetensors file ({why})")
+
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise bad(f"{size} bytes, shorter than the 8-byte header length")
+            n = int.from_bytes(head, "little")
+            if n > size - 8 or n > _MAX_HEADER:
+                raise bad(f"header length {n} does not fit the file's {size} bytes")
+            header = json.loads(f.read(n))
+    except OSError as err:
+        raise BtxError(f"{path}: cannot read ({err.strerror})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise bad(f"header is not JSON: {err}") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    header.pop("__metadata__", None)
+    entries, spans = {}, []
+    for name, info in header.items():
+        try:
+            dtype, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+            begin, end = int(begin), int(end)
+        except (TypeError, KeyError, ValueError):
+            raise bad(f"entry {name!r} lacks dtype, shape or data_offsets") from None
+        if dtype not in ITEMSIZE:
+            raise bad(f"tensor {name!r} has unknown dtype {dtype!r}")
+        if begin < 0 or any(d < 0 for d in shape) or end - begin != _numel(shape) * ITEMSIZE[dtype]:
+            raise bad(f"tensor {name!r}: data_offsets {[begin, end]} do not hold {dtype} {list(shape)}")
+        spans.append((begin, end, name))
+        entries[name] = Entry(dtype, shape, 8 + n + begin, end - begin)
+    pos = 0
+    for begin, end, name in sorted(spans):
+        if begin != pos:
+            raise bad(f"tensor {name!r} starts at {begin}, expected {pos} (overlap or gap)")
+        pos = end
+    if pos != size - 8 - n:
+        raise bad(f"the header describes {pos} bytes of data, the file holds {size - 8 - n}"
+                  + (" (truncated)" if pos > size - 8 - n else ""))
+    return entries
+
+
+class HFDir:
+    """The tensors of a Hugging Face model directory: names, dtypes, shapes, where their bytes
+    are. No torch."""
 
     def __init__(self, directory: Path):
-        from safetensors import safe_open
-
         self.dir = Path(directory)
         index = self.dir / INDEX
         if index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map") or {}
+            try:
+                weight_map = json.loads(index.read_text()).get("weight_map") or {}
+            except (ValueError, AttributeError) as err:
+                raise BtxError(f"{index}: not a safetensors index ({err})") from None
         elif (self.dir / SINGLE).is_file():
             weight_map = None
         else:
@@ -54,70 +135,95 @@ class HFReader:
                               "import; save the model with save_pretrained(safe_serialization=True))"
                               if others else ""))
         files = sorted(set(weight_map.values())) if weight_map else [SINGLE]
-        self._handles = {}
-        self._headers: Dict[str, tuple] = {}
-        self._where: Dict[str, str] = {}
+        self._entries: Dict[str, Tuple[Path, Entry]] = {}
         for name in files:
             path = self.dir / name
             if not path.is_file():
                 raise BtxError(f"{path}: missing (listed in {INDEX})")
-            try:
-                handle = safe_open(str(path), framework="pt")
-            except Exception as err:  # a truncated or foreign file
-                raise BtxError(f"{path}: not a readable safetensors file ({err})") from None
-            self._handles[name] = handle
-            for key in handle.keys():
-                self._where[key] = name
+            for key, entry in read_header(path).items():
+                self._entries[key] = (path, entry)
         if weight_map:
             for key, name in weight_map.items():
-                if self._where.get(key) != name:
+                if key not in self._entries or self._entries[key][0].name != name:
                     raise BtxError(f"{self.dir / INDEX}: lists {key!r} in {name}, which does not hold it")
 
     def names(self) -> List[str]:
-        return list(self._where)
+        return list(self._entries)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._where
+        return name in self._entries
 
     def shape(self, name: str) -> Tuple[int, ...]:
-        return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
+        return self._entries[name][1].shape
 
-    def dtype(self, name: str) -> torch.dtype:
-        code = self._handles[self._where[name]].get_slice(name).get_dtype()
-        if code not in _ST_DTYPES:
+    def code(self, name: str) -> str:
+        """The safetensors dtype of a weight; only F32/BF16/F16 are accepted."""
+        code = self._entries[name][1].dtype
+        if code not in FLOATS:
             raise BtxError(f"{self.dir}: tensor {name!r} is stored as {code}; only F32/BF16/F16 import")
-        return _ST_DTYPES[code]
+        return code
 
-    def get(self, name: str) -> torch.Tensor:
-        return self._handles[self._where[name]].get_tensor(name)
+    def locate(self, name: str) -> Tuple[Path, Entry]:
+        return self._entries[name]
 
-    def read(self, name: str) -> torch.Tensor:
-        """`name` read into a tensor of its own with plain reads, not through the file mapping
-        `get` uses: pages of a mapping stay in the process's RSS until the file is closed, so a
-        streaming pass over whole models would end up holding them all."""
-        file = self._where[name]
-        if file not in self._headers:
-            with open(self.dir / file, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                self._headers[file] = (8 + n, json.loads(f.read(n)))
-        start, header = self._headers[file]
-        info = header[name]
-        begin, end = info["data_offsets"]
-        buf = torch.empty(end - begin, dtype=torch.uint8)
-        view, done = memoryview(buf.numpy()), 0
-        with open(self.dir / file, "rb", buffering=0) as f:
-            f.seek(start + begin)
-            while done < len(view):
-                got = f.readinto(view[done:])
-                if not got:
-                    raise BtxError(f"{self.dir / file}: truncated inside tensor {name!r}")
-                done += got
-        if info["dtype"] not in _ST_DTYPES:
-            raise BtxError(f"{self.dir}: tensor {name!r} is stored as {info['dtype']}")
-        return buf.view(_ST_DTYPES[info["dtype"]]).view(info["shape"])
+    def files(self) -> List[Path]:
+        return sorted({path for path, _ in self._entries.values()})
 
 
-_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+class HFReader(HFDir):
+    """`HFDir` with torch tensors."""
+
+    def dtype(self, name: str):
+        import torch
+
+        return getattr(torch, {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[self.code(name)])
+
+    def get(self, name: str):
+        """`name` read into a tensor of its own with plain reads, not through a file mapping:
+        pages of a mapping stay in the process's RSS until the file is closed, so a streaming
+        pass over whole models would end up holding them all."""
+        import torch
+
+        path, entry = self._entries[name]
+        buf = torch.empty(entry.nbytes, dtype=torch.uint8)
+        read_exactly(path, entry.start, memoryview(buf.numpy()), what=f"tensor {name!r}")
+        return buf.view(self.dtype(name)).view(entry.shape)
+
+    read = get
+
+
+def read_exactly(path: Path, offset: int, view: memoryview, *, what: str, fd: int = None) -> None:
+    """Fill `view` from `path` at `offset` (pread: no shared file position, so threads may share
+    `fd`)."""
+    own = fd is None
+    if own:
+        fd = os.open(path, os.O_RDONLY)
+    try:
+        done, n = 0, len(view)
+        while done < n:
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if not got:
+                raise BtxError(f"{path}: truncated inside {what}")
+            done += got
+    finally:
+        if own:
+            os.close(fd)
+
+
+def header_blob(entries: Sequence[Tuple[str, str, Tuple[int, ...]]]) -> Tuple[bytes, Dict[str, Tuple[int, int]]]:
+    """The header of a safetensors file holding `entries` (name, dtype code, shape) in that
+    order, as `safetensors` writes it (8-byte length, JSON padded with spaces to a multiple of
+    8), and each tensor's (absolute offset, nbytes) in the file."""
+    header, offset, spans = {"__metadata__": {"format": "pt"}}, 0, {}
+    for name, code, shape in entries:
+        size = _numel(shape) * ITEMSIZE[code]
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        spans[name] = (offset, size)
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    start = 8 + len(blob)
+    return len(blob).to_bytes(8, "little") + blob, {k: (start + o, n) for k, (o, n) in spans.items()}
 
 
 def plan_shards(sizes: Iterable[Tuple[str, int]], max_bytes: int) -> List[List[str]]:
@@ -133,7 +239,7 @@ def plan_shards(sizes: Iterable[Tuple[str, int]], max_bytes: int) -> List[List[s
     return shards
 
 
-def write_shards(directory: Path, shards: List[List[str]], produce: Callable[[str], torch.Tensor],
+def write_shards(directory: Path, shards: List[List[str]], produce: Callable[[str], "torch.Tensor"],
                  *, on_shard: Callable[[int, int], None] = lambda i, n: None) -> dict:
     """Write `shards` (names from `plan_shards`) into `directory`, asking `produce(name)` for each
     tensor in order; return the index (also written as model.safetensors.index.json)."""
@@ -157,56 +263,8 @@ def write_shards(directory: Path, shards: List[List[str]], produce: Callable[[st
     return index
 
 
-_ST_CODES = {v: k for k, v in _ST_DTYPES.items()}
-
-
-def stream_shards(directory: Path, shards: List[List[str]], meta: Dict[str, Tuple[torch.dtype, Tuple[int, ...]]],
-                  produce: Callable[[str], torch.Tensor],
-                  *, on_shard: Callable[[int, int], None] = lambda i, n: None) -> dict:
-    """Like `write_shards`, but each tensor is written to its file as soon as it is produced:
-    the header (names, dtypes, shapes, offsets: all known from `meta` beforehand) goes first,
-    then the tensors' bytes in order. Memory: one tensor, not one shard. The files are what
-    `safetensors.torch.save_file` writes (8-byte header length, JSON header padded with spaces
-    to a multiple of 8, the data in header order)."""
-    n = len(shards)
-    weight_map, total = {}, 0
-    for i, names in enumerate(shards):
-        file = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        header, offset = {"__metadata__": {"format": "pt"}}, 0
-        for name in names:
-            dtype, shape = meta[name]
-            size = torch.tensor([], dtype=dtype).element_size()
-            for d in shape:
-                size *= d
-            header[name] = {"dtype": _ST_CODES[dtype], "shape": list(shape),
-                            "data_offsets": [offset, offset + size]}
-            offset += size
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)
-        with open(Path(directory) / file, "wb") as f:
-            f.write(len(blob).to_bytes(8, "little"))
-            f.write(blob)
-            for name in names:
-                t = produce(name)
-                dtype, shape = meta[name]
-                if t.dtype != dtype or tuple(t.shape) != tuple(shape):
-                    raise BtxError(f"{name}: produced {t.dtype} {list(t.shape)}, "
-                                   f"planned {dtype} {list(shape)}")
-                t = t.contiguous()
-                f.write(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
-                total += t.numel() * t.element_size()
-                weight_map[name] = file
-                del t
-        on_shard(i + 1, n)
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (Path(directory) / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return index
-
-
 def write_model_configs(out: Path, config: dict, tokens: dict) -> None:
     """config.json, and generation_config.json with the known special token ids."""
-    import json
-
     (Path(out) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     generation = {k: v for k, v in tokens.items() if v is not None}
     (Path(out) / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")

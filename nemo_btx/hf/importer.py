@@ -32,13 +32,11 @@ from nemo_btx.config.schema import ExperimentConfig, ModelConfig
 from nemo_btx.errors import BtxError, CheckpointError
 from nemo_btx.hf import layout
 from nemo_btx.hf.config import model_config_from_llama, read_config
-from nemo_btx.hf.exporter import DTYPES, TOKENIZER_FILES
-from nemo_btx.hf.files import HFReader
+from nemo_btx.hf.exporter import DTYPES
+from nemo_btx.hf.files import TOKENIZER_FILES, HFReader
 
 log = logging.getLogger(__name__)
 
-#: Buffers some older Llama checkpoints carry; recomputed by every implementation.
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 #: Fields that say what the imported model is (the overrides later stages need).
 _MODEL_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                  "num_query_groups", "kv_channels", "vocab_size", "max_position_embeddings",
@@ -70,22 +68,6 @@ def _own_runtime(cfg: ExperimentConfig) -> bool:
         raise BtxError("import-hf runs in a single process; start it without torchrun")
     init_runtime(cfg)
     return True
-
-
-def _check_tensors(reader: HFReader, pieces, tied: bool, where: Path) -> None:
-    names = set(reader.names())
-    for p in pieces:
-        name = "model.embed_tokens.weight" if (p.name == "lm_head.weight" and tied and p.name not in names) else p.name
-        if name not in names:
-            raise CheckpointError(f"{where}: has no tensor {name!r}")
-        if reader.shape(name) != p.shape:
-            raise CheckpointError(f"{where}: tensor {name!r} has shape {list(reader.shape(name))}, "
-                                  f"config.json implies {list(p.shape)}")
-    known = {p.name for p in pieces}
-    for name in sorted(names - known):
-        if not name.endswith(_IGNORED_SUFFIXES):
-            raise CheckpointError(f"{where}: tensor {name!r} has no megatron-core counterpart "
-                                  "(not a plain Llama checkpoint)")
 
 
 def _fill(shards, pieces, get, model: ModelConfig, padded_vocab: int, target: torch.dtype) -> dict:
@@ -137,7 +119,7 @@ def import_llama(hf_dir: Path, out: Path, base: ModelConfig, *, dtype: str = "au
     reader = HFReader(hf_dir)
     tied = bool(hf.get("tie_word_embeddings", False))
     pieces = layout.pieces(model)
-    _check_tensors(reader, pieces, tied, hf_dir)
+    layout.check_tensors(reader, pieces, tied, hf_dir)
     stored = reader.dtype("model.embed_tokens.weight")
     target = DTYPES[dtype] if dtype != "auto" else stored
 

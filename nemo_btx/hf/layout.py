@@ -29,8 +29,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Tuple
 
-import torch
-
 from nemo_btx.config.schema import ModelConfig
 from nemo_btx.errors import CheckpointError
 
@@ -110,6 +108,28 @@ def pieces(m: ModelConfig, *, norms: Tuple[str, str] = (ATTN_NORM[0], MLP_NORM[0
     return out
 
 
+#: Buffers some older Llama checkpoints carry; recomputed by every implementation.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def check_tensors(reader, pieces: List[Piece], tied: bool, where) -> None:
+    """`reader` (files.HFDir) holds exactly `pieces`, at their shapes (a tied checkpoint may
+    lack lm_head), plus only buffers that are recomputed anyway."""
+    names = set(reader.names())
+    for p in pieces:
+        name = "model.embed_tokens.weight" if (p.name == "lm_head.weight" and tied and p.name not in names) else p.name
+        if name not in names:
+            raise CheckpointError(f"{where}: has no tensor {name!r}")
+        if reader.shape(name) != p.shape:
+            raise CheckpointError(f"{where}: tensor {name!r} has shape {list(reader.shape(name))}, "
+                                  f"config.json implies {list(p.shape)}")
+    known = {p.name for p in pieces}
+    for name in sorted(names - known):
+        if not name.endswith(_IGNORED_SUFFIXES):
+            raise CheckpointError(f"{where}: tensor {name!r} has no megatron-core counterpart "
+                                  "(not a plain Llama checkpoint)")
+
+
 def resolve(keys: Iterable[str]) -> Tuple[str, str]:
     """The checkpoint's names of the pre-attention and pre-MLP norms."""
     keys = set(keys)
@@ -122,7 +142,7 @@ def resolve(keys: Iterable[str]) -> Tuple[str, str]:
     return found[0], found[1]
 
 
-def split(piece: Piece, full: torch.Tensor, m: ModelConfig) -> torch.Tensor:
+def split(piece: Piece, full: "torch.Tensor", m: ModelConfig) -> "torch.Tensor":
     """The Hugging Face tensor `piece` cut out of its megatron-core per-layer tensor `full`."""
     if piece.part == "all":
         return full
@@ -139,8 +159,10 @@ def split(piece: Piece, full: torch.Tensor, m: ModelConfig) -> torch.Tensor:
     return grouped[:, per_group if piece.part == "k" else per_group + 1].reshape(groups * hd, h)
 
 
-def join(parts: Dict[str, torch.Tensor], m: ModelConfig, padded_vocab: int) -> torch.Tensor:
+def join(parts: Dict[str, "torch.Tensor"], m: ModelConfig, padded_vocab: int) -> "torch.Tensor":
     """The megatron-core per-layer tensor made of its Hugging Face pieces (`part` -> tensor)."""
+    import torch
+
     kinds = set(parts)
     if kinds == {"all"}:
         return parts["all"]

@@ -1,9 +1,9 @@
 """Router initialisation: random (the paper), zeros, or from each expert's data.
 
 * `random`: N(0, model.init_method_std), megatron's own router init. The values are drawn per
-  layer from a generator seeded by (train.seed, layer), never from the process's RNG, so the
-  router does not depend on the layout or on which rank writes it (the EP=1 and EP=2 mixes
-  are bitwise equal).
+  layer from a generator seeded by (train.seed, layer) (`router_random.py`, shared with the
+  Hugging Face merge), never from the process's RNG, so the router does not depend on the
+  layout or on which rank writes it (the EP=1 and EP=2 mixes are bitwise equal).
 * `zeros`: every expert gets the same score; top-k then falls back on index order until the
   finetune breaks the tie (the aux loss and the LM loss both have non-zero router gradients).
 * `data`: like mergekit's hidden-state gates. Row e of layer l is the unit-norm mean of what
@@ -24,6 +24,7 @@ from typing import Callable, Dict, List
 
 import torch
 
+from nemo_btx.mixing.router_random import random_router
 from nemo_btx.mixing.sources import MixSource
 
 log = logging.getLogger(__name__)
@@ -31,10 +32,6 @@ log = logging.getLogger(__name__)
 #: router_init=data input: the token batches that represent one source, each
 #: [train.global_batch_size, model.seq_length + 1] (what data.loader.validation_batches returns).
 BatchesFor = Callable[[MixSource], List[torch.Tensor]]
-
-
-def _layer_generator(seed: int, layer: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + 7919 * (layer + 1))
 
 
 def init_router(kind: str, buf: torch.Tensor, region, *, num_experts: int, hidden: int,
@@ -45,7 +42,7 @@ def init_router(kind: str, buf: torch.Tensor, region, *, num_experts: int, hidde
     if kind == "zeros":
         full = torch.zeros(num_experts, hidden)
     elif kind == "random":
-        full = torch.randn(num_experts, hidden, generator=_layer_generator(seed, layer)) * std
+        full = torch.from_numpy(random_router(seed, layer, num_experts, hidden, std))
     elif kind == "data":
         full = torch.stack([_unit(means[src][layer]) for src in expert_source])
     else:  # validate.check_choices rejects anything else earlier

@@ -32,21 +32,22 @@ def resolve_config(cfg: ExperimentConfig) -> ExperimentConfig:
     """The config with the MoE model this stage writes, so the CLI validates the target layout
     (e.g. parallel.ep) against the real number of experts. Reads only the sources' markers."""
     from nemo_btx.hf.merge import wants_hf_merge
-    from nemo_btx.mixing.plan import plan_mix
 
     if wants_hf_merge(cfg):  # Hugging Face experts -> Mixtral: no megatron model to validate
         return cfg
+    from nemo_btx.mixing.plan import plan_mix  # imports torch: not for the Hugging Face merge
+
     return plan_mix(cfg).moe_config(cfg)
 
 
 def run(cfg: ExperimentConfig) -> None:
     from nemo_btx.hf.merge import merge_from_config, wants_hf_merge
-    from nemo_btx.mixing.job import run_plan
-    from nemo_btx.mixing.plan import plan_mix
 
     if wants_hf_merge(cfg):  # mix.format=mixtral or Hugging Face experts (nemo_btx/hf/merge.py)
         merge_from_config(cfg)
         return
+    from nemo_btx.mixing.job import run_plan
+    from nemo_btx.mixing.plan import plan_mix
 
     plan = plan_mix(cfg)
     batches = _validation_batches(cfg) if plan.router_init == "data" else None

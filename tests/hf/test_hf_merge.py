@@ -42,30 +42,125 @@ def test_identical_experts_give_the_dense_logits(experts, tmp_path, router):
     assert_logits_close(hf_logits(out, tokens), hf_logits(experts[0], tokens))
 
 
-def test_experts_copied_rest_averaged(experts, tmp_path):
-    out = _mix(experts, tmp_path / "mixtral", "mix.average_weights=[1,1,2]")
+def _bf16_copy(src, dst):
+    """`src` with every tensor stored as bfloat16 (config.json says so too)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    for f in dst.glob("*.safetensors"):
+        save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(f)).items()}, str(f),
+                  metadata={"format": "pt"})
+    config = json.loads((dst / "config.json").read_text())
+    config["torch_dtype"] = config["dtype"] = "bfloat16"
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+def _torch_mean(tensors, weights, dtype):
+    """The megatron mixer's arithmetic: x0*w0 + x1*w1 + ... in float32, rounded to `dtype`."""
+    acc = None
+    for t, w in zip(tensors, weights):
+        x = t.to(torch.float32)
+        acc = torch.mul(x, w) if acc is None else acc.add_(x * w)
+    return acc.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_experts_copied_rest_averaged(experts, tmp_path, dtype):
+    """Bit for bit: FFNs copied, the rest the weighted float32 mean, weights 1/7, 2/7, 4/7
+    (not exact in binary, so the order and rounding of every operation matter). In bfloat16
+    the second expert stays float32: its FFN is rounded to bfloat16 on the way."""
+    if dtype == "bfloat16":
+        experts = [_bf16_copy(experts[0], tmp_path / "b0"), experts[1], _bf16_copy(experts[2], tmp_path / "b2")]
+    out = _mix(experts, tmp_path / "mixtral", "mix.average_weights=[1,2,4]")
     got = safetensors_of(out)
     src = [safetensors_of(e) for e in experts]
-    w = [0.25, 0.25, 0.5]
+    w = [1 / 7, 2 / 7, 4 / 7]
+    stored = getattr(torch, dtype)
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == dtype
     for layer in range(LLAMA["num_hidden_layers"]):
         for e in range(3):
             for ours, theirs in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
                 assert bitwise_equal(got[f"model.layers.{layer}.block_sparse_moe.experts.{e}.{ours}.weight"],
-                                     src[e][f"model.layers.{layer}.mlp.{theirs}.weight"])
+                                     src[e][f"model.layers.{layer}.mlp.{theirs}.weight"].to(stored))
         router = got[f"model.layers.{layer}.block_sparse_moe.gate.weight"]
-        assert router.shape == (3, LLAMA["hidden_size"]) and 0.01 < router.std() < 0.03
+        assert router.shape == (3, LLAMA["hidden_size"]) and 0.01 < router.float().std() < 0.03
     averaged = [n for n in src[0] if ".mlp." not in n]
     assert len(averaged) == 3 + 6 * LLAMA["num_hidden_layers"]
     for name in averaged:
-        mean = src[0][name] * w[0] + src[1][name] * w[1] + src[2][name] * w[2]
-        assert torch.allclose(got[name], mean, rtol=0, atol=1e-7), name
+        assert bitwise_equal(got[name], _torch_mean([s[name] for s in src], w, stored)), name
     assert sorted(got) == sorted(set(got))
-    again = _mix(experts, tmp_path / "again", "mix.average_weights=[1,1,2]")  # reproducible router
+    again = _mix(experts, tmp_path / "again", "mix.average_weights=[1,2,4]")  # reproducible router
     assert all(bitwise_equal(t, safetensors_of(again)[n]) for n, t in got.items())
 
 
-def test_same_as_megatron_mix_then_export(experts, tmp_path):
-    """HF experts -> import-hf -> megatron mix -> export-hf gives the same Mixtral, bit for bit."""
+def test_pieces_and_threads_do_not_change_the_result(experts, tmp_path, monkeypatch):
+    """Tensors cut into many pieces (700 elements, so pieces end mid-row and mid-tensor), done
+    by 3 threads in whatever order they finish, give the same bytes as one thread, one piece
+    per tensor."""
+    from nemo_btx.hf import merge
+
+    whole = merge.merge_llamas(experts, tmp_path / "one", threads=1, weights=[3, 1, 1])
+    monkeypatch.setattr(merge, "_CHUNK", 700)
+    cut = merge.merge_llamas(experts, tmp_path / "many", threads=3, weights=[3, 1, 1])
+    assert (whole["threads"], cut["threads"]) == (1, 3)
+    a, b = safetensors_of(tmp_path / "one"), safetensors_of(tmp_path / "many")
+    assert sorted(a) == sorted(b) and all(bitwise_equal(a[n], b[n]) for n in a)
+    files = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "many").iterdir())
+    for f in files:
+        if f != "btx_mix.json":  # it records the thread count
+            assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "many" / f).read_bytes(), f
+
+
+def test_conversions_match_torch():
+    """bfloat16/float16 -> float32 for every 16-bit pattern, and float32 -> bfloat16/float16
+    for random values, exact halfway cases (both parities), subnormals and overflow: the same
+    bits as torch's casts."""
+    import numpy as np
+
+    from nemo_btx.hf.merge import from_float32, nonfinite, to_float32
+
+    every = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16)
+    for code, dt in (("BF16", torch.bfloat16), ("F16", torch.float16)):
+        theirs = every.view(dt).to(torch.float32)
+        ours = to_float32(every.numpy().view(np.uint8), code, np.empty(2**16, np.float32))
+        finite = torch.isfinite(theirs)
+        assert torch.equal(torch.from_numpy(ours.copy()).view(torch.int32)[finite], theirs.view(torch.int32)[finite])
+        scratch = np.empty(4 * 2**16, np.uint8)
+        assert nonfinite(every.numpy().view(np.uint8), code, scratch)
+        assert not nonfinite(every[finite].numpy().view(np.uint8), code, scratch)
+    g = torch.Generator().manual_seed(0)
+    bits = torch.randint(-2**31, 2**31 - 1, (200_000,), generator=g, dtype=torch.int64).to(torch.int32)
+    ties = (bits & ~0xFFFF) | 0x8000  # exactly halfway between two bfloat16 numbers
+    x = torch.cat([bits, ties]).view(torch.float32)
+    x = torch.cat([x[torch.isfinite(x)], torch.randn(100_000, generator=g) * 1e-39,
+                   torch.randn(100_000, generator=g) * 7e4])  # subnormal; beyond float16's range
+    n = x.numel()
+    for code, dt in (("BF16", torch.bfloat16), ("F16", torch.float16)):
+        ours = from_float32(x.numpy(), code, np.empty(4 * n, np.uint8), np.empty(n, np.uint32))
+        theirs = x.to(dt).view(torch.int16).numpy()
+        assert np.array_equal(ours.view(np.int16), theirs), code
+
+
+def test_merge_does_not_import_torch(experts, tmp_path):
+    """The speed of the Hugging Face merge rests on never importing torch (about 1 s)."""
+    out = tmp_path / "mixtral"
+    code = ("import sys\nfrom nemo_btx.cli import main\n"
+            f"rc = main(['mix', 'run.dir={tmp_path / 'run'}', 'mix.include_seed=false', "
+            f"'mix.out={out}', 'mix.experts=[{','.join(str(p) for p in experts)}]'])\n"
+            "assert rc == 0, rc\nprint('torch' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=clean_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "False"
+    assert (out / "model.safetensors.index.json").is_file()
+
+
+@pytest.mark.parametrize("router,weights", [("zeros", None), ("random", "[1,2,4]")])
+def test_same_as_megatron_mix_then_export(experts, tmp_path, router, weights):
+    """HF experts -> import-hf -> megatron mix -> export-hf gives the same Mixtral, bit for bit
+    (the random router included: both draw it from mixing/router_random.py)."""
     from nemo_btx.stages.hf import export_hf, import_hf
 
     imported = []
@@ -75,11 +170,13 @@ def test_same_as_megatron_mix_then_export(experts, tmp_path):
     mixed = tmp_path / "mixed"
     cmd = [sys.executable, "-m", "nemo_btx.cli", "mix", f"run.dir={tmp_path / 'run'}",
            "mix.experts=[" + ",".join(str(p) for p in imported) + "]", "mix.include_seed=false",
-           "mix.router_init=zeros", f"mix.out={mixed}", *manifest["overrides"]]
+           f"mix.router_init={router}", f"mix.out={mixed}", *manifest["overrides"],
+           *([f"mix.average_weights={weights}"] if weights else [])]
     proc = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     exported = export_hf(load_config([f"hf.path={mixed}", f"hf.out={tmp_path / 'exported'}"]))
-    direct = _mix(experts, tmp_path / "direct", "mix.router_init=zeros")
+    direct = _mix(experts, tmp_path / "direct", f"mix.router_init={router}",
+                  *([f"mix.average_weights={weights}"] if weights else []))
     a, b = safetensors_of(direct), safetensors_of(exported)
     assert sorted(a) == sorted(b)
     assert [n for n in a if not bitwise_equal(a[n], b[n])] == []
@@ -90,19 +187,21 @@ def test_same_as_megatron_mix_then_export(experts, tmp_path):
         assert ca[key] == cb[key], key
 
 
-def _bad_nan(experts, tmp_path):
-    bad = shutil.copytree(experts[1], tmp_path / "nan")
+def _bad_value(experts, tmp_path, name, value):
+    """experts[1] with one element of tensor `name` set to `value`."""
+    bad = shutil.copytree(experts[1], tmp_path / "bad")
     from safetensors.torch import load_file, save_file
 
-    files = sorted(bad.glob("*.safetensors"))
-    t = load_file(str(files[0]))
-    name = sorted(t)[0]
-    t[name].view(-1)[5] = float("nan")
-    save_file(t, str(files[0]), metadata={"format": "pt"})
-    return [experts[0], bad], "holds 1 NaN/Inf"
+    for f in sorted(bad.glob("*.safetensors")):
+        t = load_file(str(f))
+        if name in t:
+            t[name].view(-1)[-5] = value
+            save_file(t, str(f), metadata={"format": "pt"})
+    return [experts[0], bad], f"tensor {name!r} holds 1 NaN/Inf"
 
 
-@pytest.mark.parametrize("case", ["hidden", "duplicate", "exists", "nan", "truncated", "seed", "data"])
+@pytest.mark.parametrize("case", ["hidden", "duplicate", "exists", "nan-expert", "inf-averaged",
+                                  "truncated", "seed", "data", "threads"])
 def test_bad_inputs_one_error_nothing_written(experts, tmp_path, case):
     out = tmp_path / "out"
     extra = []
@@ -114,8 +213,13 @@ def test_bad_inputs_one_error_nothing_written(experts, tmp_path, case):
     elif case == "exists":
         out.mkdir()
         sources, want = experts[:2], "already exists"
-    elif case == "nan":
-        sources, want = _bad_nan(experts, tmp_path)
+    elif case == "nan-expert":  # a copied FFN
+        sources, want = _bad_value(experts, tmp_path, "model.layers.1.mlp.down_proj.weight", float("nan"))
+    elif case == "inf-averaged":  # found in the mean, then traced to its source
+        sources, want = _bad_value(experts, tmp_path, "model.layers.0.self_attn.k_proj.weight", float("-inf"))
+    elif case == "threads":
+        sources, want = experts[:2], "mix.threads=0"
+        extra = ["mix.threads=0"]
     elif case == "truncated":
         bad = shutil.copytree(experts[1], tmp_path / "trunc")
         f = bad / "model.safetensors"
