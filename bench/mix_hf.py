@@ -9,11 +9,12 @@ Issue 9's target: faster than mergekit-moe, under 1.5 x the I/O floor, with lowe
   (543 MB each, one model.safetensors), written straight with safetensors (no transformers
   model is instantiated) plus a config.json and a small tokenizer;
 * ours: `python -m nemo_btx.cli mix mix.format=mixtral mix.include_seed=false` (a fresh
-  process: interpreter start, config, validation, merge, rename);
+  process: interpreter start, config, validation, merge, fsync, rename; no torch);
 * mergekit-moe (its own venv, --mergekit): `gate_mode: random`, `experts_per_token: 2`,
   `base_model` = expert 0, `dtype: bfloat16`, the four experts, writing Mixtral;
 * the I/O floor: `dd` of every input file to /dev/null (real read() copies; `cat` to /dev/null
-  can splice without copying) + `cp` of our output files + `sync`.
+  can splice without copying) + a copy of our output files + `sync`, the faster of `cp`
+  (which may copy inside the kernel with copy_file_range) and `dd bs=16M` (plain write()).
 
 Both mergers write 2-expert-per-token Mixtral models of the same size. They differ in one rule:
 mergekit-moe copies attention, norms and embeddings from base_model, BTX (ours) averages them
@@ -26,6 +27,7 @@ interleaved (ours, mergekit, floor) so machine noise hits all three.
 
     .venv/bin/python bench/mix_hf.py [--dir /tmp/btx-bench-mixhf] [--repeats 3]
         [--mergekit /tmp/mergekit-venv/bin/mergekit-moe] [--json runs/bench/mix-hf.json]
+        [--out-dir /dev/shm/btx-mixhf]   # outputs on tmpfs: no disk in any of the three
 """
 
 from __future__ import annotations
@@ -135,15 +137,19 @@ def io_floor(inputs, output: Path, scratch: Path) -> dict:
     subprocess.run(["sh", "-c", 'for f; do dd if="$f" of=/dev/null bs=16M status=none; done', "dd",
                     *in_files], check=True)
     t_read = time.perf_counter() - t
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir(parents=True)
     out_files = [str(f) for f in _files(output) if f.suffix == ".safetensors"]
-    _settle()
-    t = time.perf_counter()
-    subprocess.run(["sh", "-c", 'cp "$@" "$0" && sync "$0"/*', str(scratch), *out_files], check=True)
-    t_write = time.perf_counter() - t
+    writes = {}
+    for name, script in (("cp", 'cp "$@" "$0" && sync "$0"/*'),
+                         ("dd", 'for f; do dd if="$f" of="$0/${f##*/}" bs=16M status=none; done && sync "$0"/*')):
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir(parents=True)
+        _settle()
+        t = time.perf_counter()
+        subprocess.run(["sh", "-c", script, str(scratch), *out_files], check=True)
+        writes[name] = time.perf_counter() - t
     shutil.rmtree(scratch)
-    return {"read_s": t_read, "write_s": t_write, "floor_s": t_read + t_write,
+    t_write = min(writes.values())  # the faster copy (cp may use copy_file_range, dd plain write())
+    return {"read_s": t_read, "write_s": t_write, "floor_s": t_read + t_write, "write_cp_dd_s": writes,
             "input_bytes": sum(os.path.getsize(f) for f in in_files),
             "output_bytes": sum(os.path.getsize(f) for f in out_files)}
 
@@ -194,9 +200,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--mergekit", default="/tmp/mergekit-venv/bin/mergekit-moe")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--out-dir", default=None,
+                        help="where the outputs are written (default: --dir); e.g. a tmpfs such as "
+                             "/dev/shm/btx-mixhf to take the disk out of the measurement")
     args = parser.parse_args()
     workdir = Path(args.dir)
     workdir.mkdir(parents=True, exist_ok=True)
+    outdir = Path(args.out_dir) if args.out_dir else workdir
+    outdir.mkdir(parents=True, exist_ok=True)
     experts = [workdir / f"expert{i}" for i in range(NUM_EXPERTS)]
     t = time.perf_counter()
     # In a child: this process stays small, since a forked child inherits its RSS high-water
@@ -209,10 +220,10 @@ def main() -> None:
 
     rounds = []
     for rep in range(args.repeats):
-        ours = run_ours(experts, workdir / "ours", workdir)
-        theirs = run_mergekit(args.mergekit, experts, workdir / "mergekit", workdir)
-        floor = io_floor(experts, workdir / "ours", workdir / "floor-copy")
-        sizes = {k: sum(f.stat().st_size for f in _files(workdir / k) if f.suffix == ".safetensors")
+        ours = run_ours(experts, outdir / "ours", workdir)
+        theirs = run_mergekit(args.mergekit, experts, outdir / "mergekit", workdir)
+        floor = io_floor(experts, outdir / "ours", outdir / "floor-copy")
+        sizes = {k: sum(f.stat().st_size for f in _files(outdir / k) if f.suffix == ".safetensors")
                  for k in ("ours", "mergekit")}
         rounds.append({"ours": ours, "mergekit": theirs, "floor": floor, "output_bytes": sizes})
         print(f"round {rep + 1}: ours {ours['wall_s']:.1f} s / {ours['peak_tree_rss'] / 2**20:.0f} MiB, "
@@ -221,7 +232,7 @@ def main() -> None:
               flush=True)
         for k in ("ours", "mergekit"):
             if rep + 1 < args.repeats:
-                shutil.rmtree(workdir / k)
+                shutil.rmtree(outdir / k)
 
     med = {k: _median([r[k]["wall_s"] for r in rounds]) for k in ("ours", "mergekit")}
     # The floor syncs its output; the mergers do not: compare wall + the sync after each.
@@ -239,7 +250,7 @@ def main() -> None:
                "ours_peak_rss_mib": peak["ours"] / 2**20, "mergekit_peak_rss_mib": peak["mergekit"] / 2**20,
                "ours_maxrss_mib": maxrss["ours"] / 2**20, "mergekit_maxrss_mib": maxrss["mergekit"] / 2**20,
                "input_bytes": rounds[0]["floor"]["input_bytes"], "output_bytes": rounds[-1]["output_bytes"],
-               "dtype": "bfloat16", "shape": SHAPE, "experts": NUM_EXPERTS, "repeats": args.repeats}
+               "out_dir": str(outdir), "dtype": "bfloat16", "shape": SHAPE, "experts": NUM_EXPERTS, "repeats": args.repeats}
     print(json.dumps(summary, indent=2))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

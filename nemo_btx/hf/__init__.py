@@ -3,10 +3,11 @@
     config.py     config.json <-> ModelConfig, and the Llama features that have no equivalent
     layout.py     tensor names and the few layout changes (fused QKV, fused SwiGLU, padded vocab)
     routing.py    which megatron-core router settings Mixtral computes exactly
-    files.py      safetensors in (sharded or not, lazily) and out (shard by shard)
+    files.py      safetensors headers parsed and checked (no torch), tensors in, shards out
     importer.py   Llama directory -> megatron-core torch_dist checkpoint (+ tokenizer)
     exporter.py   megatron-core checkpoint -> LlamaForCausalLM / MixtralForCausalLM, streamed
+    merge.py      Llama experts -> Mixtral directly, the mix's rules, numpy only (no torch)
 
-Only `safetensors` is needed at run time; `transformers` is used by the tests to build and
-run the reference models.
+Only `safetensors` (and numpy) are needed at run time; `transformers` is used by the tests to
+build and run the reference models.
 """
