@@ -315,9 +315,10 @@ def _check_same_experiment(cfg: ExperimentConfig, rd: Path, redo: bool) -> None:
         now = OmegaConf.to_container(OmegaConf.create(text))
         diff = sorted(_diff(saved, now))
         # Where and how the stages run (layouts, the run dir's own path, the cluster, logging,
-        # Hugging Face import/export paths)
-        # does not change what they compute.
-        diff = [k for k in diff if not k.startswith(("run.", "cluster.", "hf.", "train.log_interval"))]
+        # Hugging Face import/export paths, the HF merge's thread count) does not change what
+        # they compute.
+        diff = [k for k in diff if not k.startswith(("run.", "cluster.", "hf.", "train.log_interval",
+                                                     "mix.threads"))]
         if diff:
             raise ConfigError(diff[0], "changed", f"{rd} holds an experiment with another config "
                               f"(differs in {', '.join(diff[:6])}{' ...' if len(diff) > 6 else ''}); "
