@@ -24,14 +24,23 @@ from pathlib import Path
 import psutil
 
 
-def tree_rss(proc: psutil.Process) -> int:
-    total = 0
+def tree_memory(proc: psutil.Process):
+    """Summed RSS and PSS of the process tree, and (rss, pss, command) per process. RSS counts
+    a page shared by several processes (torch's libraries, copy-on-write pages of forked
+    helpers) once per process; PSS splits it between them, so its sum is what the tree
+    really occupies."""
+    rss = pss = 0
+    rows = []
     for p in [proc, *proc.children(recursive=True)]:
         try:
-            total += p.memory_info().rss
+            info = p.memory_full_info()
+            cmd = " ".join(p.cmdline()[:6])[:160]
         except psutil.Error:
-            pass
-    return total
+            continue
+        rss += info.rss
+        pss += getattr(info, "pss", info.rss)
+        rows.append((info.rss, getattr(info, "pss", info.rss), cmd))
+    return rss, pss, rows
 
 
 def main() -> int:
@@ -47,14 +56,17 @@ def main() -> int:
     start = time.monotonic()
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     ps = psutil.Process(proc.pid)
-    peak = {"rss": 0, "at": 0.0}
+    peak = {"rss": 0, "at": 0.0, "pss": 0, "pss_at": 0.0, "procs": []}
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
-            rss = tree_rss(ps)
+            rss, pss, rows = tree_memory(ps)
             if rss > peak["rss"]:
-                peak.update(rss=rss, at=time.monotonic() - start)
+                peak.update(rss=rss, at=time.monotonic() - start,
+                            procs=[{"rss_mib": r >> 20, "pss_mib": q >> 20, "cmd": c} for r, q, c in rows])
+            if pss > peak["pss"]:
+                peak.update(pss=pss, pss_at=time.monotonic() - start)
             time.sleep(0.2)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -71,13 +83,16 @@ def main() -> int:
     done.set()
     sampler.join()
     figures = {"exit": code, "wall_s": round(wall, 1), "peak_rss_gib": round(peak["rss"] / 2**30, 3),
-               "peak_at_s": round(peak["at"], 1), "stages_s": stages, "overrides": args.overrides,
+               "peak_at_s": round(peak["at"], 1), "peak_pss_gib": round(peak["pss"] / 2**30, 3),
+               "peak_pss_at_s": round(peak["pss_at"], 1), "processes_at_rss_peak": peak["procs"],
+               "stages_s": stages, "overrides": args.overrides,
                "cpus": psutil.cpu_count()}
     by_stage = {}
     for name, secs in stages.items():
         by_stage[name.split(":")[0]] = by_stage.get(name.split(":")[0], 0) + secs
     print(f"nemo-btx run: exit {code}, wall {wall / 60:.1f} min (target < 20), peak memory of the "
-          f"process tree {peak['rss'] / 2**30:.2f} GiB at {peak['at']:.0f} s (target < 6 GB)")
+          f"process tree {peak['rss'] / 2**30:.2f} GiB RSS at {peak['at']:.0f} s, "
+          f"{peak['pss'] / 2**30:.2f} GiB PSS at {peak['pss_at']:.0f} s (target < 6 GB)")
     print("per stage (s): " + ", ".join(f"{k} {v}" for k, v in by_stage.items()))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
