@@ -157,6 +157,8 @@ def build_model(cfg: ExperimentConfig, *, wrap_ddp: bool = True,
             rotary_base=cfg.model.rotary_base,
             vp_stage=stage,
         )
+        if model.post_process and padded_vocab_size(cfg.model, cfg.parallel.tp) > cfg.model.vocab_size:
+            _exclude_padding_from_loss(model, cfg.model.vocab_size)
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
         if tconfig.bf16:
@@ -173,6 +175,28 @@ def build_model(cfg: ExperimentConfig, *, wrap_ddp: bool = True,
     if wrap_ddp:
         chunks = wrap_in_ddp(cfg, chunks)
     return chunks
+
+
+def _exclude_padding_from_loss(model: torch.nn.Module, vocab_size: int) -> None:
+    """Megatron's cross entropy runs over the padded vocabulary, so the padding rows' logits
+    enter every softmax. Their number grows with TP (vocab 300: 84 rows at TP=1, 212 at TP=2)
+    and an imported model's are zeros, so the loss would depend on the layout and differ from
+    the unpadded model's (transformers'). Masked to -inf here, the loss is the one over the
+    real vocabulary at every layout; the padding rows then get no gradient and stay as they
+    are. Evaluation slices the logits to the vocabulary the same way."""
+    from megatron.core import parallel_state
+
+    loss = model.compute_language_model_loss
+
+    def masked(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        local = logits.shape[-1]  # this TP rank's slice of the padded vocabulary
+        first = parallel_state.get_tensor_model_parallel_rank() * local
+        if first + local > vocab_size:
+            padding = torch.arange(first, first + local, device=logits.device) >= vocab_size
+            logits = logits.masked_fill(padding, float("-inf"))
+        return loss(labels, logits)
+
+    model.compute_language_model_loss = masked
 
 
 def wrap_in_ddp(cfg: ExperimentConfig, chunks: List[torch.nn.Module]) -> List[torch.nn.Module]:

@@ -60,6 +60,39 @@ def test_imported_logits_equal_transformers(llama):
     assert_logits_close(megatron_logits(imported, tokens), hf_logits(hf_dir, tokens))
 
 
+@pytest.mark.distributed
+@pytest.mark.timeout(400)
+def test_training_loss_is_transformers_loss_at_tp1_and_tp2(llama, tmp_path):
+    """Vocabulary 300 is padded to 384 rows at TP=1 and 512 at TP=2 (zeros on import). The
+    padding is kept out of megatron's cross entropy, so the training loss of the imported
+    model is transformers' loss, at both layouts (with the padding in the softmax it was 5.96
+    at TP=1 and 6.25 at TP=2)."""
+    from conftest import run_torchrun
+    from nemo_btx.training.batches import synthetic_global_batch
+    from transformers import AutoModelForCausalLM
+
+    hf_dir, imported = llama
+    base = [*json.loads((imported / "manifest.json").read_text())["overrides"],
+            "model.seq_length=32", "train.micro_batch_size=2", "train.global_batch_size=4"]
+    worker = REPO / "tests" / "mixing" / "mix_worker.py"
+    proc = subprocess.run([sys.executable, str(worker), "loss", str(imported), str(tmp_path / "tp1.json"),
+                           *base], cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_torchrun(worker, ["loss", imported, tmp_path / "tp2.json", *base, "parallel.tp=2",
+                          "parallel.world_size=2"], nproc=2, timeout=300)
+    tp1, tp2 = (json.loads((tmp_path / f"{n}.json").read_text())["losses"] for n in ("tp1", "tp2"))
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32,
+                                                 attn_implementation="eager").eval()
+    cfg = load_config(base)
+    for step, (a, b) in enumerate(zip(tp1, tp2)):
+        tokens = synthetic_global_batch(cfg, step)
+        with torch.no_grad():
+            logits = model(tokens[:, :-1]).logits
+        ref = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                tokens[:, 1:].reshape(-1)).item()
+        assert a == pytest.approx(ref, rel=1e-5) and b == pytest.approx(ref, rel=1e-5), (a, b, ref)
+
+
 def test_mqa_head_dim_theta_and_tied_embeddings(tmp_path):
     """One kv head, head_dim != hidden/heads, another rope theta and eps, tied embeddings (untied
     on import: the output layer is a copy of the embedding): still the same logits."""
