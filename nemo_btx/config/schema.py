@@ -468,7 +468,8 @@ class HFConfig:
     dtype: str = choice("auto", "auto", "float32", "bfloat16", "float16")
     """dtype of the written tensors; auto = as stored in the input."""
     max_shard_size: str = "5GB"
-    """export-hf: largest safetensors shard, in bytes or with a unit (KB, MB, GB; powers of 1000)."""
+    """export-hf and the Hugging Face merge (mix.format=mixtral): largest safetensors shard, in
+    bytes or with a unit (KB, MB, GB; powers of 1000)."""
 
 
 @dataclass(kw_only=True)

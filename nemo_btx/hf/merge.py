@@ -115,7 +115,8 @@ def from_float32(x: np.ndarray, code: str, out: np.ndarray, tmp: np.ndarray) -> 
     n = x.size
     if code == "F16":
         dst = out[: 2 * n].view(np.float16)
-        np.copyto(dst, x, casting="same_kind")
+        with np.errstate(over="ignore"):  # beyond float16's range -> Inf, which callers refuse
+            np.copyto(dst, x, casting="same_kind")
         return dst.view(np.uint8)
     bits, t = x.view(np.uint32), tmp[:n]
     np.right_shift(bits, 16, out=t)
@@ -497,9 +498,15 @@ def merge_from_config(cfg: ExperimentConfig) -> dict:
     if want is not None and want != n:
         raise ConfigError("model.moe.num_experts", want, f"mix builds {n} experts; leave it null "
                           f"or set it to {n}")
+    from nemo_btx.hf.files import parse_size
+
+    try:
+        max_bytes = parse_size(cfg.hf.max_shard_size)
+    except ValueError as err:
+        raise ConfigError("hf.max_shard_size", cfg.hf.max_shard_size, str(err)) from None
     return merge_llamas(mix.experts, mix.out, base=cfg.model, seed_dir=seed_dir,
                         weights=mix.average_weights, router_init=mix.router_init,
-                        seed=cfg.train.seed, threads=mix.threads)
+                        seed=cfg.train.seed, threads=mix.threads, max_shard_bytes=max_bytes)
 
 
 def _numel(shape) -> int:

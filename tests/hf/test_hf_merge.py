@@ -113,6 +113,21 @@ def test_pieces_and_threads_do_not_change_the_result(experts, tmp_path, monkeypa
             assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "many" / f).read_bytes(), f
 
 
+def test_output_shards_follow_hf_max_shard_size(experts, tmp_path):
+    """hf.max_shard_size cuts the Mixtral into several files listed in the index; the tensors
+    are the ones a single file holds."""
+    one = _mix(experts, tmp_path / "one")
+    many = _mix(experts, tmp_path / "many", "hf.max_shard_size=50KB")
+    index = json.loads((many / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 3 and files == sorted(p.name for p in many.glob("model-*.safetensors"))
+    a, b = safetensors_of(one), safetensors_of(many)
+    assert sorted(a) == sorted(b) and all(bitwise_equal(a[n], b[n]) for n in a)
+    for f in files:  # at most 50 KB of tensors per file, or one larger tensor alone
+        names = [n for n, where in index["weight_map"].items() if where == f]
+        assert len(names) == 1 or sum(b[n].numel() * b[n].element_size() for n in names) <= 50_000, f
+
+
 def test_conversions_match_torch():
     """bfloat16/float16 -> float32 for every 16-bit pattern, and float32 -> bfloat16/float16
     for random values, exact halfway cases (both parities), subnormals and overflow: the same
