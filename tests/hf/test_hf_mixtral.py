@@ -132,3 +132,22 @@ def test_cli_export_refusal_is_one_line(run, tmp_path):
     assert len(lines) == 1 and lines[0].startswith(
         f"nemo-btx: error: {src}: model.moe.capacity_factor=1.5: token dropping"), proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_lm_eval_hf_backend_scores_the_export_as_we_do(run, tmp_path):
+    """lm-eval's own `hf` backend loads the exported Mixtral and gives the log-likelihoods our
+    lm-eval model gives the megatron-core MoE."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from nemo_btx.evaluation.lm import NemoBtxLM
+
+    out = _export(f"run.dir={run}", f"hf.out={tmp_path / 'mixtral'}")
+    pairs = [("two plus", " two is four"), ("def f(x):", " return x"), ("", "two plus two")]
+    requests = [Instance("loglikelihood", doc={}, arguments=p, idx=i) for i, p in enumerate(pairs)]
+    theirs = HFLM(pretrained=str(out), dtype="float32", device="cpu", batch_size=1).loglikelihood(requests)
+    ours = NemoBtxLM(str(run / "btx" / "finetuned" / "weights"), run_dir=str(run),
+                     precision="fp32").loglikelihood(requests)
+    assert len(theirs) == len(ours) == 3
+    for (a, greedy_a), (b, greedy_b), pair in zip(theirs, ours, pairs):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-4) and greedy_a == greedy_b, (pair, a, b)
