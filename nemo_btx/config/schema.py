@@ -466,7 +466,8 @@ class HFConfig:
     """export-hf: the run's model to export: seed | expert-<domain> | btx | upcycle-data |
     upcycle-compute | dense (a dense one becomes LlamaForCausalLM, an MoE MixtralForCausalLM)."""
     dtype: str = choice("auto", "auto", "float32", "bfloat16", "float16")
-    """dtype of the written tensors; auto = as stored in the input."""
+    """dtype of the written tensors (export-hf, and the Hugging Face merge); auto = as stored
+    in the input (the merge: the first expert)."""
     max_shard_size: str = "5GB"
     """export-hf and the Hugging Face merge (mix.format=mixtral): largest safetensors shard, in
     bytes or with a unit (KB, MB, GB; powers of 1000)."""

@@ -324,9 +324,10 @@ def merge_llamas(experts: Sequence, out, *, base: Optional[ModelConfig] = None, 
                  weights: Optional[Sequence[float]] = None, router_init: str = "random",
                  seed: int = 1234, topk: Optional[int] = None, aux_loss_coeff: Optional[float] = None,
                  max_shard_bytes: int = 5 * 10**9, threads: Optional[int] = None,
-                 key: str = "mix.experts") -> dict:
+                 dtype: str = "auto", key: str = "mix.experts") -> dict:
     """Write the Mixtral made of `experts` (+ `seed_dir`, the last expert) at `out`; return a
-    summary. `weights` (one per source, normalised here) weight the averaged tensors."""
+    summary. `weights` (one per source, normalised here) weight the averaged tensors. `dtype`:
+    of the written tensors (float32 | bfloat16 | float16), auto = the first expert's."""
     base = base or ModelConfig()
     paths = [Path(p).expanduser().resolve() for p in experts]
     if seed_dir is not None:
@@ -375,8 +376,14 @@ def merge_llamas(experts: Sequence, out, *, base: Optional[ModelConfig] = None, 
     moe = dataclasses.replace(dense, moe=dataclasses.replace(
         base.moe, num_experts=n, router_topk=topk,
         aux_loss_coeff=base.moe.aux_loss_coeff if aux_loss_coeff is None else aux_loss_coeff))
-    code = first.files.code("model.embed_tokens.weight")
-    dtype_name = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[code]
+    names = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+    if dtype == "auto":
+        code = first.files.code("model.embed_tokens.weight")
+    elif dtype in names.values():
+        code = {v: k for k, v in names.items()}[dtype]
+    else:
+        raise ConfigError("hf.dtype", dtype, "must be auto, float32, bfloat16 or float16")
+    dtype_name = names[code]
     pieces = layout.pieces(moe)
     shards = plan_shards(((p.name, ITEMSIZE[code] * _numel(p.shape)) for p in pieces), max_shard_bytes)
     shape = {p.name: p.shape for p in pieces}
@@ -506,7 +513,8 @@ def merge_from_config(cfg: ExperimentConfig) -> dict:
         raise ConfigError("hf.max_shard_size", cfg.hf.max_shard_size, str(err)) from None
     return merge_llamas(mix.experts, mix.out, base=cfg.model, seed_dir=seed_dir,
                         weights=mix.average_weights, router_init=mix.router_init,
-                        seed=cfg.train.seed, threads=mix.threads, max_shard_bytes=max_bytes)
+                        seed=cfg.train.seed, threads=mix.threads, max_shard_bytes=max_bytes,
+                        dtype=cfg.hf.dtype)
 
 
 def _numel(shape) -> int:

@@ -65,14 +65,18 @@ def _torch_mean(tensors, weights, dtype):
     return acc.to(dtype)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16-asked"])
 def test_experts_copied_rest_averaged(experts, tmp_path, dtype):
     """Bit for bit: FFNs copied, the rest the weighted float32 mean, weights 1/7, 2/7, 4/7
     (not exact in binary, so the order and rounding of every operation matter). In bfloat16
-    the second expert stays float32: its FFN is rounded to bfloat16 on the way."""
+    the second expert stays float32: its FFN is rounded to bfloat16 on the way. float16-asked:
+    float32 experts written as float16 (hf.dtype), everything rounded as torch rounds it."""
+    extra = []
     if dtype == "bfloat16":
         experts = [_bf16_copy(experts[0], tmp_path / "b0"), experts[1], _bf16_copy(experts[2], tmp_path / "b2")]
-    out = _mix(experts, tmp_path / "mixtral", "mix.average_weights=[1,2,4]")
+    elif dtype == "float16-asked":
+        dtype, extra = "float16", ["hf.dtype=float16"]
+    out = _mix(experts, tmp_path / "mixtral", "mix.average_weights=[1,2,4]", *extra)
     got = safetensors_of(out)
     src = [safetensors_of(e) for e in experts]
     w = [1 / 7, 2 / 7, 4 / 7]
@@ -90,7 +94,7 @@ def test_experts_copied_rest_averaged(experts, tmp_path, dtype):
     for name in averaged:
         assert bitwise_equal(got[name], _torch_mean([s[name] for s in src], w, stored)), name
     assert sorted(got) == sorted(set(got))
-    again = _mix(experts, tmp_path / "again", "mix.average_weights=[1,2,4]")  # reproducible router
+    again = _mix(experts, tmp_path / "again", "mix.average_weights=[1,2,4]", *extra)  # reproducible router
     assert all(bitwise_equal(t, safetensors_of(again)[n]) for n, t in got.items())
 
 
