@@ -28,7 +28,7 @@ from nemo_btx.errors import BtxError, CheckpointError
 from nemo_btx.hf import layout
 from nemo_btx.hf.config import check_exportable, llama_config, mixtral_config
 from nemo_btx.artifacts import staged_dir
-from nemo_btx.hf.files import TOKENIZER_FILES, plan_shards, write_model_configs, write_shards
+from nemo_btx.hf.files import TOKENIZER_FILES, numel, plan_shards, write_model_configs, write_shards
 from nemo_btx.hf.routing import check_mixtral_routing
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ def export_checkpoint(path: Path, out: Path, *, dtype: str = "auto", max_shard_b
         raise BtxError(f"{where}: stored as {stored}; choose hf.dtype=float32|bfloat16|float16")
     size = torch.tensor([], dtype=target).element_size()
     by_name: Dict[str, layout.Piece] = {p.name: p for p in pieces}
-    shards = plan_shards(((p.name, size * _numel(p.shape)) for p in pieces), max_shard_bytes)
+    shards = plan_shards(((p.name, size * numel(p.shape)) for p in pieces), max_shard_bytes)
 
     if out.exists():
         raise BtxError(f"{out}: already exists; choose another hf.out or remove it")
@@ -173,10 +173,3 @@ def export_checkpoint(path: Path, out: Path, *, dtype: str = "auto", max_shard_b
              len(pieces), len(shards), index["metadata"]["total_size"] / 1e6, _NAMES[target])
     return {"architecture": arch, "tensors": len(pieces), "shards": len(shards),
             "bytes": index["metadata"]["total_size"], "dtype": _NAMES[target]}
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

@@ -22,9 +22,12 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Sequence, Tuple
 
 from nemo_btx.errors import BtxError
+
+if TYPE_CHECKING:
+    import torch
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -36,8 +39,8 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
 #: Bytes per element of every safetensors dtype code.
 ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2,
             "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "F64": 8, "I64": 8, "U64": 8}
-#: The dtypes model weights may be stored in here.
-FLOATS = ("F32", "BF16", "F16")
+#: The dtypes model weights may be stored in here, by safetensors code -> torch/config.json name.
+FLOATS = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 _MAX_HEADER = 100 * 2**20
 
 
@@ -61,7 +64,7 @@ class Entry:
     nbytes: int
 
 
-def _numel(shape: Sequence[int]) -> int:
+def numel(shape: Sequence[int]) -> int:
     n = 1
     for d in shape:
         n *= d
@@ -99,7 +102,7 @@ def read_header(path: Path) -> Dict[str, Entry]:
             raise bad(f"entry {name!r} lacks dtype, shape or data_offsets") from None
         if dtype not in ITEMSIZE:
             raise bad(f"tensor {name!r} has unknown dtype {dtype!r}")
-        if begin < 0 or any(d < 0 for d in shape) or end - begin != _numel(shape) * ITEMSIZE[dtype]:
+        if begin < 0 or any(d < 0 for d in shape) or end - begin != numel(shape) * ITEMSIZE[dtype]:
             raise bad(f"tensor {name!r}: data_offsets {[begin, end]} do not hold {dtype} {list(shape)}")
         spans.append((begin, end, name))
         entries[name] = Entry(dtype, shape, 8 + n + begin, end - begin)
@@ -176,7 +179,7 @@ class HFReader(HFDir):
     def dtype(self, name: str):
         import torch
 
-        return getattr(torch, {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[self.code(name)])
+        return getattr(torch, FLOATS[self.code(name)])
 
     def get(self, name: str):
         """`name` read into a tensor of its own with plain reads, not through a file mapping:
@@ -188,8 +191,6 @@ class HFReader(HFDir):
         buf = torch.empty(entry.nbytes, dtype=torch.uint8)
         read_exactly(path, entry.start, memoryview(buf.numpy()), what=f"tensor {name!r}")
         return buf.view(self.dtype(name)).view(entry.shape)
-
-    read = get
 
 
 def read_exactly(path: Path, offset: int, view: memoryview, *, what: str, fd: int = None) -> None:
@@ -216,7 +217,7 @@ def header_blob(entries: Sequence[Tuple[str, str, Tuple[int, ...]]]) -> Tuple[by
     8), and each tensor's (absolute offset, nbytes) in the file."""
     header, offset, spans = {"__metadata__": {"format": "pt"}}, 0, {}
     for name, code, shape in entries:
-        size = _numel(shape) * ITEMSIZE[code]
+        size = numel(shape) * ITEMSIZE[code]
         header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + size]}
         spans[name] = (offset, size)
         offset += size

@@ -27,10 +27,13 @@ is used (`resolve`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Tuple
+from typing import TYPE_CHECKING, Dict, Iterable, List, Tuple
 
 from nemo_btx.config.schema import ModelConfig
 from nemo_btx.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
 
 EMBED = "embedding.word_embeddings.weight"
 OUTPUT = "output_layer.weight"

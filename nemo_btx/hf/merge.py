@@ -55,11 +55,11 @@ import numpy as np
 
 from nemo_btx.artifacts import staged_dir
 from nemo_btx.config.schema import ExperimentConfig, ModelConfig
-from nemo_btx.errors import BtxError, CheckpointError, ConfigError
+from nemo_btx.errors import CheckpointError, ConfigError
 from nemo_btx.hf import layout
 from nemo_btx.hf.config import LLAMA, mixtral_config, model_config_from_llama, read_config
-from nemo_btx.hf.files import (INDEX, ITEMSIZE, TOKENIZER_FILES, Entry, HFDir, header_blob,
-                               plan_shards, read_exactly, write_model_configs)
+from nemo_btx.hf.files import (FLOATS, INDEX, ITEMSIZE, TOKENIZER_FILES, Entry, HFDir,
+                               header_blob, numel, plan_shards, read_exactly, write_model_configs)
 from nemo_btx.mixing.router_random import random_router
 
 log = logging.getLogger(__name__)
@@ -376,16 +376,15 @@ def merge_llamas(experts: Sequence, out, *, base: Optional[ModelConfig] = None, 
     moe = dataclasses.replace(dense, moe=dataclasses.replace(
         base.moe, num_experts=n, router_topk=topk,
         aux_loss_coeff=base.moe.aux_loss_coeff if aux_loss_coeff is None else aux_loss_coeff))
-    names = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
     if dtype == "auto":
         code = first.files.code("model.embed_tokens.weight")
-    elif dtype in names.values():
-        code = {v: k for k, v in names.items()}[dtype]
+    elif dtype in FLOATS.values():
+        code = next(c for c, name in FLOATS.items() if name == dtype)
     else:
         raise ConfigError("hf.dtype", dtype, "must be auto, float32, bfloat16 or float16")
-    dtype_name = names[code]
+    dtype_name = FLOATS[code]
     pieces = layout.pieces(moe)
-    shards = plan_shards(((p.name, ITEMSIZE[code] * _numel(p.shape)) for p in pieces), max_shard_bytes)
+    shards = plan_shards(((p.name, ITEMSIZE[code] * numel(p.shape)) for p in pieces), max_shard_bytes)
     shape = {p.name: p.shape for p in pieces}
 
     def sources_of(name: str) -> List[Tuple[_Source, str]]:
@@ -421,7 +420,7 @@ def merge_llamas(experts: Sequence, out, *, base: Optional[ModelConfig] = None, 
                     weight_map[name] = file
                     offset, nbytes = spans[name]
                     total += nbytes
-                    work += _pieces_of(name, fd, offset, _numel(shape[name]), sources_of(name),
+                    work += _pieces_of(name, fd, offset, numel(shape[name]), sources_of(name),
                                        fds, router_init, seed, moe, code)
             _Merger(code, w).run(work, threads)
             for i, fd in enumerate(out_fds):
@@ -449,22 +448,22 @@ def merge_llamas(experts: Sequence, out, *, base: Optional[ModelConfig] = None, 
     return summary
 
 
-def _pieces_of(name: str, fd: int, offset: int, numel: int, reads_from, fds, router_init: str,
+def _pieces_of(name: str, fd: int, offset: int, count: int, reads_from, fds, router_init: str,
                seed: int, moe: ModelConfig, code: str) -> List[_Piece]:
     """Output tensor `name` (at `offset` of file `fd`) as pieces of at most _CHUNK elements."""
     size = ITEMSIZE[code]
     if not reads_from:  # the router of layer L: small, made here
         n_exp, hidden = moe.moe.num_experts, moe.hidden_size
         if router_init == "zeros":
-            data = np.zeros(numel * size, np.uint8)
+            data = np.zeros(count * size, np.uint8)
         else:
             g = random_router(seed, int(name.split(".")[2]), n_exp, hidden, moe.init_method_std)
-            data = from_float32(g.reshape(-1), code, np.empty(4 * numel, np.uint8),
-                                np.empty(numel, np.uint32)).copy()
-        return [_Piece(fd, offset, numel, [], data)]
+            data = from_float32(g.reshape(-1), code, np.empty(4 * count, np.uint8),
+                                np.empty(count, np.uint32)).copy()
+        return [_Piece(fd, offset, count, [], data)]
     out = []
-    for first in range(0, numel, _CHUNK):
-        n = min(_CHUNK, numel - first)
+    for first in range(0, count, _CHUNK):
+        n = min(_CHUNK, count - first)
         reads = []
         for src, tensor in reads_from:
             path, entry = src.files.locate(tensor)
@@ -515,10 +514,3 @@ def merge_from_config(cfg: ExperimentConfig) -> dict:
                         weights=mix.average_weights, router_init=mix.router_init,
                         seed=cfg.train.seed, threads=mix.threads, max_shard_bytes=max_bytes,
                         dtype=cfg.hf.dtype)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
