@@ -245,7 +245,7 @@ class MixConfig:
     seed_checkpoint: Optional[str] = None
     """null = <run.dir>/seed/weights."""
     out: Optional[str] = None
-    """null = <run.dir>/btx/mixed (mix) or <run.dir>/baselines/upcycle/mixed (upcycle). Must not
+    """null = <run.dir>/btx/mixed (mix) or <run.dir>/baselines/upcycled (upcycle). Must not
     exist, unless it is a complete output (then the stage is skipped)."""
     average_weights: Optional[List[float]] = None
     """Per-source weights for averaging the non-FFN parameters, experts first then the seed;
@@ -302,14 +302,15 @@ class FinetuneConfig(TrainStageConfig):
 class BaselinesConfig(TrainStageConfig):
     """Stage `baselines`: the paper's comparisons, trained by the same loop as BTX.
 
-    upcycle_data: the upcycled seed finetuned for as many steps (tokens) as BTX's MoE stage;
-    upcycle_compute: the upcycled seed given all the FLOPs BTX spent on its experts and its
-    finetune, all in the MoE stage; dense_compute: the seed continued on the same mixture
-    with that same FLOP budget. Budgets are read from the compute ledger."""
+    upcycle-data: the upcycled seed finetuned for as many steps (tokens) as BTX's MoE stage;
+    upcycle-compute: the upcycled seed given all the FLOPs BTX spent on its experts and its
+    finetune, all in the MoE stage; dense: the seed continued on the same mixture with that
+    same FLOP budget. Budgets are read from the compute ledger. Each is written to
+    <run.dir>/baselines/<name> and evaluated under the same name (nemo_btx/run_dir.py)."""
 
-    which: List[str] = field(default_factory=lambda: ["upcycle_data", "upcycle_compute", "dense_compute"])
+    which: List[str] = field(default_factory=lambda: ["upcycle-data", "upcycle-compute", "dense"])
     upcycle: Optional[str] = None
-    """The upcycled MoE checkpoint; null = <run.dir>/baselines/upcycle/mixed."""
+    """The upcycled MoE checkpoint; null = <run.dir>/baselines/upcycled."""
 
 
 @dataclass(kw_only=True)

@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import time
+import uuid
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -34,10 +35,11 @@ import torch
 from nemo_btx.artifacts import read_json, software_versions, write_json_atomic
 from nemo_btx.errors import CheckpointError
 from nemo_btx.model.build import unwrap
+from nemo_btx.run_dir import CHECKPOINT_MARKER
 
 log = logging.getLogger(__name__)
 
-MARKER = "btx_checkpoint.json"
+MARKER = CHECKPOINT_MARKER
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
@@ -151,7 +153,9 @@ def _write(path: Path, state: dict, marker: dict) -> None:
 
 
 def make_marker(kind: str, layout: dict, model_cfg, extra: Optional[dict] = None) -> dict:
-    return {"format_version": FORMAT_VERSION, "kind": kind, "layout": layout,
+    # `id` names these weights wherever they are copied (run_dir.checkpoint_identity): results
+    # of an evaluation are keyed by it, never by the directory's name.
+    return {"format_version": FORMAT_VERSION, "id": uuid.uuid4().hex, "kind": kind, "layout": layout,
             "model": dataclasses.asdict(model_cfg), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "versions": software_versions(), **(extra or {})}
 
