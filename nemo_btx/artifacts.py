@@ -36,6 +36,20 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
+def make_tmp_dir(parent: Path, prefix: str) -> Path:
+    """A fresh temporary directory in `parent` with the permissions `mkdir` would give it.
+
+    `tempfile.mkdtemp` creates mode 0700, which the final rename would keep: on a shared cluster
+    file system the other users of a run directory could not read the data.
+    """
+    parent.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o777 & ~umask)
+    return path
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 

@@ -20,7 +20,7 @@ log = logging.getLogger("nemo_btx")
 #: command -> (one-line help, "module:function" or None while the issue that fills it is open).
 COMMANDS: Dict[str, Tuple[str, Optional[str], str]] = {
     "run": ("the whole experiment, data to report, skipping complete stages (--from/--only)",
-            "nemo_btx.stages.pipeline:run", ""),
+            "nemo_btx.orchestration.local:run", ""),
     "smoke": ("build a tiny dense and MoE model and train a few steps",
               "nemo_btx.stages.smoke:run", ""),
     "validate": ("resolve the config and check it (keys, types, parallel layout); no GPU needed",
@@ -44,7 +44,7 @@ COMMANDS: Dict[str, Tuple[str, Optional[str], str]] = {
     "report": ("Markdown/HTML/JSON comparison report of the run directory",
                "nemo_btx.stages.report:run", ""),
     "launch": ("submit the experiment as a Slurm job chain (cluster.*; cluster.dry_run=true: render only)",
-               "nemo_btx.stages.launch:run", ""),
+               "nemo_btx.orchestration.launch:run", ""),
     "import-hf": ("import a Hugging Face Llama checkpoint as the seed (hf.path=DIR)",
                   "nemo_btx.stages.hf:import_hf", ""),
     "export-hf": ("export a dense model as Llama or the MoE as Mixtral (hf.model=NAME or hf.path=DIR)",
@@ -113,8 +113,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise NotImplementedStageError(
                 f"'{args.command}' is listed but not implemented yet ({where} delivers it)")
         from nemo_btx.config import load_config, validate
+        from nemo_btx.config.validate import check_config
 
         cfg = load_config(args.overrides, config_name=args.config_name)
+        check_config(cfg)  # every section, before a stage module loads or reads a checkpoint
         module_name, func = target.split(":")
         module = importlib.import_module(module_name)
         # A stage whose model comes from its input checkpoint (finetune) resolves it first,

@@ -44,6 +44,10 @@ REPORT_JSON = "report.json"
 WEIGHTS = "weights"
 METRICS = "metrics.jsonl"
 ROUTING = "routing.json"
+#: The resolved config, of the experiment (run directory) and of each training stage (its dir).
+CONFIG = "config.yaml"
+LEDGER = "ledger.jsonl"
+TOKENIZER = "tokenizer"
 
 
 @dataclass(frozen=True)
@@ -111,11 +115,11 @@ class RunDir:
     # -------------------------------------------------------------------- experiment files
     @property
     def config(self) -> Path:
-        return self.root / "config.yaml"
+        return self.root / CONFIG
 
     @property
     def ledger(self) -> Path:
-        return self.root / "ledger.jsonl"
+        return self.root / LEDGER
 
     @property
     def lock(self) -> Path:
@@ -134,12 +138,32 @@ class RunDir:
 
     @property
     def slurm(self) -> Path:
+        """`launch`'s scripts and submit.sh."""
         return self.root / "slurm"
+
+    @property
+    def slurm_logs(self) -> Path:
+        return self.slurm / "logs"
+
+    @property
+    def slurm_jobs(self) -> Path:
+        """The job ids of the last launch."""
+        return self.slurm / "jobs.json"
+
+    @property
+    def slurm_events(self) -> Path:
+        """Every job's starts, ends and requeues (written by the job scripts)."""
+        return self.slurm / "events.jsonl"
+
+    @property
+    def slurm_stop(self) -> Path:
+        """Stop files a job script creates when Slurm signals the time limit."""
+        return self.slurm / "stop"
 
     # -------------------------------------------------------------------- stage outputs
     @property
     def tokenizer(self) -> Path:
-        return self.root / "tokenizer"
+        return self.root / TOKENIZER
 
     @property
     def data(self) -> Path:
@@ -219,6 +243,11 @@ class RunDir:
         """A stage output is complete when its manifest exists (written last)."""
         return (Path(stage_out) / MANIFEST).is_file()
 
+    @staticmethod
+    def checkpoint_complete(path) -> bool:
+        """A checkpoint directory is complete when its marker exists (written last)."""
+        return (Path(path) / CHECKPOINT_MARKER).is_file()
+
     def rel(self, path) -> str:
         return Path(path).resolve().relative_to(self.root.resolve()).as_posix()
 
@@ -259,6 +288,11 @@ class RunDir:
     def training_dirs(self, domains: Sequence[str]) -> Dict[str, str]:
         """model name -> training directory (relative), for every trained model."""
         return {m.name: m.train_dir for m in self.models(domains) if m.train_dir}
+
+
+def checkpoint_tokenizer(checkpoint) -> Path:
+    """Where an imported checkpoint (import-hf) carries the Hugging Face tokenizer it came with."""
+    return Path(checkpoint) / TOKENIZER
 
 
 def find_run_dir(checkpoint) -> Optional[Path]:

@@ -24,19 +24,18 @@ import logging
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from nemo_btx.artifacts import read_json, write_json_atomic
+from nemo_btx.artifacts import make_tmp_dir, read_json, write_json_atomic
 from nemo_btx.data.tokenizer import Tokenizer
 from nemo_btx.errors import BtxError
+from nemo_btx.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
-DATA_DIR = "data"
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid")
@@ -44,7 +43,7 @@ _ENCODE_CHUNK = 256
 
 
 def data_dir(run_dir) -> Path:
-    return Path(run_dir) / DATA_DIR
+    return RunDir(run_dir).data
 
 
 def manifest_path(run_dir) -> Path:
@@ -66,20 +65,6 @@ def split_documents(docs: Sequence[str], valid_fraction: float, seed: int,
     train_docs = [d for i, d in enumerate(docs) if i not in valid]
     valid_docs = [d for i, d in enumerate(docs) if i in valid]
     return train_docs, valid_docs
-
-
-def make_tmp_dir(parent: Path, prefix: str) -> Path:
-    """A fresh temporary directory in `parent` with the permissions `mkdir` would give it.
-
-    `tempfile.mkdtemp` creates mode 0700, which the final rename would keep: on a shared cluster
-    file system the other users of a run directory could not read the data.
-    """
-    parent.mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o777 & ~umask)
-    return path
 
 
 def token_dtype(vocab_size: int):

@@ -42,6 +42,7 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 import torch
 
+from nemo_btx.artifacts import make_tmp_dir
 from nemo_btx.config.schema import ExperimentConfig
 from nemo_btx.data import indexed
 from nemo_btx.data.tokenizer import check_vocab
@@ -116,7 +117,7 @@ def _cached(run_dir, description: dict, build: Callable[[Optional[str]], object]
         return build(str(final))
     with indexed.file_lock(root / ".lock"):
         if not final.is_dir():
-            tmp = indexed.make_tmp_dir(root, f".{key}.tmp.")
+            tmp = make_tmp_dir(root, f".{key}.tmp.")
             try:
                 (tmp / "description.json").write_text(json.dumps(description, indent=2, sort_keys=True))
                 build(str(tmp))

@@ -26,16 +26,16 @@ import shutil
 from pathlib import Path
 from typing import Iterable, List, Optional
 
-from nemo_btx.artifacts import read_json, write_json_atomic
+from nemo_btx.artifacts import make_tmp_dir, read_json, write_json_atomic
 from nemo_btx.config.schema import ExperimentConfig, ModelConfig, TokenizerConfig
 from nemo_btx.errors import BtxError, ConfigError
+from nemo_btx.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
 BPE_EOD = "<|endoftext|>"
 #: End-of-document candidates tried in order for a kind=hf tokenizer without data.tokenizer.eod_token.
 HF_EOD_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>")
-TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FILE = "tokenizer.json"
 META_FILE = "meta.json"
 
@@ -153,7 +153,7 @@ def make_tokenizer(cfg: ExperimentConfig, train_texts: Iterable[str], *, length:
 
 
 def tokenizer_dir(run_dir) -> Path:
-    return Path(run_dir) / TOKENIZER_DIR
+    return RunDir(run_dir).tokenizer
 
 
 def save_tokenizer(tokenizer: Tokenizer, run_dir) -> Path:
@@ -162,10 +162,8 @@ def save_tokenizer(tokenizer: Tokenizer, run_dir) -> Path:
     The directory is assembled under a temporary name and renamed into place, so a reader sees
     the old tokenizer or the new one, never half of one.
     """
-    from nemo_btx.data.indexed import make_tmp_dir
-
     final = tokenizer_dir(run_dir)
-    tmp = make_tmp_dir(final.parent, f".{TOKENIZER_DIR}.")
+    tmp = make_tmp_dir(final.parent, f".{final.name}.")
     try:
         text = tokenizer.to_str()
         (tmp / TOKENIZER_FILE).write_text(text, encoding="utf-8")
@@ -173,7 +171,7 @@ def save_tokenizer(tokenizer: Tokenizer, run_dir) -> Path:
             "kind": tokenizer.kind, "eod_token": tokenizer.eod_token, "eod_id": tokenizer.eod_id,
             "vocab_size": tokenizer.vocab_size, "sha256": tokenizer.sha256})
         if final.exists():
-            old = final.with_name(f".{TOKENIZER_DIR}.old.{os.getpid()}")
+            old = final.with_name(f".{final.name}.old.{os.getpid()}")
             os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -29,6 +28,7 @@ import torch
 
 from nemo_btx.errors import BtxError
 from nemo_btx.evaluation.lm import ScorerLM
+from nemo_btx.run_dir import WEIGHTS, RunDir
 
 log = logging.getLogger(__name__)
 
@@ -279,9 +279,9 @@ class BTMLM(ScorerLM):
         if experts is None:
             if run_dir is None:
                 raise BtxError("nemo-btx-btm needs experts=A|B|... or run_dir=")
-            names = names or sorted(p.name for p in (Path(run_dir) / "experts").iterdir()
-                                    if (p / "weights").is_dir())
-            paths = [str(Path(run_dir) / "experts" / n / "weights") for n in names]
+            rd = RunDir(run_dir)
+            names = names or sorted(p.name for p in rd.experts.iterdir() if (p / WEIGHTS).is_dir())
+            paths = [str(rd.expert(n) / WEIGHTS) for n in names]
         else:
             paths = _split_paths(experts)
         models = [CheckpointModel(p, precision=precision) for p in paths]

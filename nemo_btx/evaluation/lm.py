@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from lm_eval.api.model import LM
 
+from nemo_btx import progress
 from nemo_btx.errors import BtxError
 from nemo_btx.evaluation.model import pad_right
 
@@ -99,7 +100,9 @@ class ScorerLM(LM):
             inputs.setdefault(tuple(r[:-1]), []).append(i)
         unique = sorted(inputs, key=len, reverse=True)
         out: List[Optional[Tuple[float, bool]]] = [None] * len(rows)
+        reporter = progress.Reporter("scored inputs", len(unique))
         for start in self._progress(range(0, len(unique), self.batch_size), disable_tqdm, len(unique)):
+            reporter.update(start)
             batch = unique[start:start + self.batch_size]
             logp = self.scorer.logprobs(pad_right([list(b) for b in batch], self.eod_id))
             for j, key in enumerate(batch):
@@ -109,6 +112,7 @@ class ScorerLM(LM):
                     target = torch.as_tensor(r[len(r) - n:], dtype=torch.long)
                     total = float(lp.gather(-1, target.unsqueeze(-1)).sum())
                     out[i] = (total, bool((lp.argmax(-1) == target).all()))
+        reporter.update(len(unique))
         return out  # type: ignore[return-value]
 
     def _progress(self, it, disable: bool, total: int):
@@ -154,6 +158,7 @@ class ScorerLM(LM):
             settings.append((self.tok.encode(context), until, max_new))
             groups.setdefault((tuple(until), max_new), []).append(i)
         out: List[Optional[str]] = [None] * len(requests)
+        reporter, done = progress.Reporter("generations", len(requests)), 0
         for (until, max_new), members in groups.items():
             members.sort(key=lambda i: -len(settings[i][0]))
             for start in range(0, len(members), self.batch_size):
@@ -162,6 +167,8 @@ class ScorerLM(LM):
                 for i, text in zip(idx, texts):
                     out[i] = text
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)
+                done += len(idx)
+                reporter.update(done)
         return out  # type: ignore[return-value]
 
     def _gen_settings(self, kwargs: dict) -> Tuple[List[str], int]:
@@ -242,7 +249,7 @@ class NemoBtxLM(ScorerLM):
 
 def load_run_tokenizer(checkpoint, run_dir: Optional[str]):
     from nemo_btx.data.tokenizer import load_tokenizer
-    from nemo_btx.evaluation.model import find_run_dir
+    from nemo_btx.run_dir import find_run_dir
 
     root = Path(run_dir) if run_dir else find_run_dir(Path(checkpoint))
     if root is None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import torch
 
@@ -36,14 +36,6 @@ def model_config_from_marker(marker: dict) -> ModelConfig:
     moe_known = {f.name for f in dataclasses.fields(MoEConfig)}
     return ModelConfig(**{k: v for k, v in saved.items() if k in known},
                        moe=MoEConfig(**{k: v for k, v in moe.items() if k in moe_known}))
-
-
-def find_run_dir(checkpoint: Path) -> Optional[Path]:
-    """The run directory a checkpoint lives in (the nearest parent holding a tokenizer)."""
-    for parent in [Path(checkpoint).resolve(), *Path(checkpoint).resolve().parents]:
-        if (parent / "tokenizer" / "meta.json").is_file():
-            return parent
-    return None
 
 
 def ensure_runtime(cfg: ExperimentConfig) -> None:

@@ -34,6 +34,7 @@ from nemo_btx.hf import layout
 from nemo_btx.hf.config import model_config_from_llama, read_config
 from nemo_btx.hf.exporter import DTYPES
 from nemo_btx.hf.files import TOKENIZER_FILES, HFReader
+from nemo_btx.run_dir import MANIFEST, checkpoint_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -147,18 +148,19 @@ def import_llama(hf_dir: Path, out: Path, base: ModelConfig, *, dtype: str = "au
                 "weights", ckpt.current_layout(), model, {"stage": "import-hf", "source": source}))
             has_tokenizer = (hf_dir / "tokenizer.json").is_file()
             if has_tokenizer:
-                (tmp / "tokenizer").mkdir()
+                checkpoint_tokenizer(tmp).mkdir()
                 for f in TOKENIZER_FILES:
                     if (hf_dir / f).is_file():
-                        shutil.copyfile(hf_dir / f, tmp / "tokenizer" / f)
+                        shutil.copyfile(hf_dir / f, checkpoint_tokenizer(tmp) / f)
             else:
                 log.warning("import-hf: %s has no tokenizer.json; the data stage needs one "
                             "(data.tokenizer.kind=hf data.tokenizer.path=...)", hf_dir)
-            write_json_atomic(tmp / "manifest.json", {
+            write_json_atomic(tmp / MANIFEST, {
                 "stage": "import-hf", "complete": True, "source": source, "hf_config": hf,
                 "dtype": str(target).replace("torch.", ""), "tied_embeddings_untied": tied,
                 "model": dataclasses.asdict(model), "overrides": overrides_for(model, base),
-                "tokenizer": "tokenizer" if has_tokenizer else None, "versions": software_versions()})
+                "tokenizer": checkpoint_tokenizer(tmp).name if has_tokenizer else None,
+                "versions": software_versions()})
     finally:
         if own:
             shutdown()

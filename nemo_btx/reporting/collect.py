@@ -15,16 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-#: Compared models in the order of the paper's Table 1 (experts are inserted after the seed).
-#: name -> (label, training directory relative to the run directory or None).
-BASELINE_MODELS = [
-    ("btm-top1", "BTM top-1", None),
-    ("btm-top2", "BTM top-2", None),
-    ("upcycle-data", "Sparse upcycling (data-matched)", "baselines/upcycle/data_matched"),
-    ("upcycle-compute", "Sparse upcycling (compute-matched)", "baselines/upcycle/compute_matched"),
-    ("dense", "Dense (compute-matched)", "baselines/dense"),
-    ("btx", "BTX", "btx/finetuned"),
-]
+from nemo_btx.run_dir import BASELINE_NAMES, MANIFEST, METRICS, RESULTS, ROUTING, RunDir
 
 
 @dataclass(frozen=True)
@@ -46,12 +37,11 @@ TASKS = [
 ]
 
 
-def model_catalog(domains: List[str]) -> List[dict]:
-    """[{name, label, train_dir}] for every model the report compares."""
-    out = [{"name": "seed", "label": "Seed", "train_dir": "seed"}]
-    out += [{"name": f"expert-{d}", "label": f"Expert: {d}", "train_dir": f"experts/{d}"} for d in domains]
-    out += [{"name": n, "label": label, "train_dir": d} for n, label, d in BASELINE_MODELS]
-    return out
+def model_catalog(run_dir: Path, domains: List[str], baselines: Optional[List[str]] = None) -> List[dict]:
+    """[{name, label, train_dir}] for every model the report compares (nemo_btx/run_dir.py)."""
+    rd = RunDir(run_dir)
+    known = [b for b in (baselines if baselines is not None else BASELINE_NAMES) if b in BASELINE_NAMES]
+    return [{"name": m.name, "label": m.label, "train_dir": m.train_dir} for m in rd.models(domains, known)]
 
 
 def _read_json(path: Path) -> Optional[Any]:
@@ -140,8 +130,8 @@ def versions(sources: Dict[str, dict]) -> dict:
 def training_stage(run_dir: Path, rel: str) -> Optional[dict]:
     """A training stage's manifest summary and its loss curves; None if it never started."""
     out = run_dir / rel
-    manifest = _read_json(out / "manifest.json")
-    records = _read_jsonl(out / "metrics.jsonl")
+    manifest = _read_json(out / MANIFEST)
+    records = _read_jsonl(out / METRICS)
     if manifest is None and not records:
         return None
     curve: Dict[str, list] = {"step": [], "tokens": [], "loss": []}
@@ -199,8 +189,14 @@ def task_documents(results: dict, task: str) -> Optional[int]:
     return sum(counts) if counts and all(c is not None for c in counts) else None
 
 
+def _inside(path: str, folder: Path) -> bool:
+    """Whether a checkpoint path recorded by the eval stage lies in `folder` (by name, so a run
+    directory that was moved afterwards still matches)."""
+    return Path(folder).name in Path(path).parts and Path(folder).parent.name in Path(path).parts
+
+
 def eval_result(run_dir: Path, name: str) -> Optional[dict]:
-    path = run_dir / "eval" / name / "results.json"
+    path = RunDir(run_dir).eval_dir(name) / RESULTS
     results = _read_json(path)
     if not isinstance(results, dict):
         return None
@@ -223,12 +219,6 @@ def eval_result(run_dir: Path, name: str) -> Optional[dict]:
 # --------------------------------------------------------------------------- ledger, routing
 
 
-#: Where each compute category trains, relative to the run directory (experts: experts/<d>).
-LEDGER_DIRS = {"seed": "seed", "finetune": "btx/finetuned",
-               "upcycle-data": "baselines/upcycle/data_matched",
-               "upcycle-compute": "baselines/upcycle/compute_matched", "dense": "baselines/dense"}
-
-
 def _ledger_place(out: str, run_dir: Path, domains: List[str]) -> Optional[str]:
     """`out` relative to the run directory; a run directory that was moved after training still
     matches by its known sub-paths."""
@@ -237,7 +227,7 @@ def _ledger_place(out: str, run_dir: Path, domains: List[str]) -> Optional[str]:
         return str((p if p.is_absolute() else run_dir / p).resolve().relative_to(run_dir.resolve()))
     except ValueError:
         pass
-    known = list(LEDGER_DIRS.values()) + [f"experts/{d}" for d in domains]
+    known = list(RunDir(run_dir).training_dirs(domains).values())
     for rel in sorted(known, key=len, reverse=True):
         if p.as_posix().endswith("/" + rel):
             return rel
@@ -248,23 +238,14 @@ def ledger(run_dir: Path, domains: List[str]) -> List[dict]:
     """One entry per trained output directory: its LAST ledger line, which holds the stage's
     cumulative totals (a resumed stage appends a new line with its whole totals)."""
     last: Dict[str, dict] = {}
-    for entry in _read_jsonl(run_dir / "ledger.jsonl"):
+    for entry in _read_jsonl(RunDir(run_dir).ledger):
         if "out" not in entry:
             continue
         rel = _ledger_place(str(entry["out"]), run_dir, domains)
         key = rel if rel is not None else str(Path(entry["out"]))
         last.pop(key, None)  # keep the order of the last lines
-        last[key] = {**entry, "rel": rel, "category": _category(rel, domains)}
+        last[key] = {**entry, "rel": rel, "category": RunDir(run_dir).category_of(rel, domains)}
     return list(last.values())
-
-
-def _category(rel: Optional[str], domains: List[str]) -> str:
-    for cat, d in LEDGER_DIRS.items():
-        if rel == d:
-            return cat
-    if rel is not None and rel.startswith("experts/") and rel.split("/", 1)[1] in domains:
-        return "expert"
-    return "other"
 
 
 def expert_names(run_dir: Path, finetuned: Optional[dict]) -> Optional[List[str]]:
@@ -275,9 +256,9 @@ def expert_names(run_dir: Path, finetuned: Optional[dict]) -> Optional[List[str]
     if parent:
         p = Path(parent)
         candidates.append(p if p.is_absolute() else run_dir / p)
-    candidates.append(run_dir / "btx" / "mixed")
+    candidates.append(RunDir(run_dir).mixed)
     for path in candidates:
-        manifest = _read_json(path / "manifest.json")
+        manifest = _read_json(path / MANIFEST)
         experts = ((manifest or {}).get("moe") or {}).get("experts")
         if not experts:
             continue
@@ -292,8 +273,9 @@ def expert_names(run_dir: Path, finetuned: Optional[dict]) -> Optional[List[str]
 
 
 def routing(run_dir: Path, finetuned: Optional[dict], missing: List[str]) -> Optional[dict]:
-    rel = "btx/finetuned/routing.json"
-    data = _read_json(run_dir / rel)
+    rd = RunDir(run_dir)
+    rel = rd.rel(rd.finetuned / ROUTING)
+    data = _read_json(rd.finetuned / ROUTING)
     if not isinstance(data, dict) or not data.get("fractions"):
         missing.append(f"{rel} (BTX routing analysis)")
         return None
@@ -318,22 +300,24 @@ def collect(run_dir: Path) -> dict:
     missing: List[str] = []
     config = read_config(run_dir, missing)
 
+    rd = RunDir(run_dir)
     manifests = {}
-    probe = ["seed"] + [d for _, _, d in BASELINE_MODELS if d]
-    for rel in probe + [f"experts/{p.name}" for p in sorted((run_dir / "experts").glob("*"))]:
-        m = _read_json(run_dir / rel / "manifest.json")
+    probe = list(rd.training_dirs([]).values())
+    for rel in probe + [rd.rel(p) for p in sorted(rd.experts.glob("*"))]:
+        m = _read_json(run_dir / rel / MANIFEST)
         if isinstance(m, dict):
             manifests[rel] = m
     domains = domain_list(config["data"], manifests)
+    which = ((config["data"].get("baselines") or {}).get("which")) if isinstance(config["data"], dict) else None
 
     models: Dict[str, dict] = {}
     stages: Dict[str, dict] = {}
     version_sources: Dict[str, dict] = {}
-    for spec in model_catalog(domains):
+    for spec in model_catalog(run_dir, domains, which):
         name, rel = spec["name"], spec["train_dir"]
         stage = training_stage(run_dir, rel) if rel else None
         if rel and (stage is None or not stage["complete"]):
-            missing.append(f"{rel}/manifest.json ({spec['label']}: training "
+            missing.append(f"{rel}/{MANIFEST} ({spec['label']}: training "
                            f"{'not run' if stage is None else 'incomplete'})")
         if stage is not None:
             stages[name] = {"label": spec["label"], **stage}
@@ -347,7 +331,7 @@ def collect(run_dir: Path) -> dict:
             if gone:
                 why = "; ".join(sorted(set(ev["skipped"].values())))
                 missing.append(f"{ev['path']}: no {', '.join(gone)} score" + (f" (skipped: {why})" if why else ""))
-        if name == "btx" and ev and ev["checkpoints"] and "finetuned" not in ev["checkpoints"][0]:
+        if name == "btx" and ev and ev["checkpoints"] and not _inside(ev["checkpoints"][0], rd.finetuned):
             spec["label"] = "BTX (mixed, not finetuned)"  # what the eval stage falls back to
         perplexity = {}
         for dom in domains:
@@ -362,9 +346,9 @@ def collect(run_dir: Path) -> dict:
     entries = ledger(run_dir, domains)
     if not entries:
         missing.append("ledger.jsonl (no compute ledger: the compute table is empty)")
-    mixed = _read_json(run_dir / "btx" / "mixed" / "manifest.json")
+    mixed = _read_json(rd.mixed / MANIFEST)
     if mixed is None:
-        missing.append("btx/mixed/manifest.json (the BTX mix)")
+        missing.append(f"{rd.rel(rd.mixed)}/{MANIFEST} (the BTX mix)")
     return {
         "run_dir": str(run_dir.resolve()),
         "generated": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -379,6 +363,6 @@ def collect(run_dir: Path) -> dict:
         "mix": {"include_seed": any(s.get("role") == "seed" for s in (mixed or {}).get("sources", [])),
                 "num_experts": ((mixed or {}).get("moe") or {}).get("num_experts"),
                 "router_init": (mixed or {}).get("router_init")} if mixed else None,
-        "routing": routing(run_dir, manifests.get("btx/finetuned"), missing),
+        "routing": routing(run_dir, manifests.get(rd.rel(rd.finetuned)), missing),
         "missing": missing,
     }

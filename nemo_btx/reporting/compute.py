@@ -9,15 +9,16 @@ from __future__ import annotations
 
 from typing import Dict, List
 
+from nemo_btx.run_dir import BASELINES
+
 #: method -> (label, ledger categories it spent, categories that ran as independent jobs,
 #: categories trained as an MoE).
+#: A baseline's category is its name (nemo_btx/run_dir.py).
 METHODS = [
     ("seed", "Seed", ("seed",), (), ()),
     ("btx", "BTX (experts + MoE finetune)", ("expert", "finetune"), ("expert",), ("finetune",)),
     ("btm", "BTM (experts only)", ("expert",), ("expert",), ()),
-    ("upcycle-data", "Sparse upcycling (data-matched)", ("upcycle-data",), (), ("upcycle-data",)),
-    ("upcycle-compute", "Sparse upcycling (compute-matched)", ("upcycle-compute",), (), ("upcycle-compute",)),
-    ("dense", "Dense (compute-matched)", ("dense",), (), ()),
+    *[(b.name, b.label, (b.name,), (), (b.name,) if b.moe else ()) for b in BASELINES],
 ]
 
 

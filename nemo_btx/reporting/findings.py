@@ -11,6 +11,7 @@ import math
 from typing import Dict, List, Optional, Tuple
 
 from nemo_btx.reporting.tables import Table, fmt_pct, fmt_ppl, fmt_ratio
+from nemo_btx.run_dir import BASELINES
 
 #: Compute-matched baselines count as matched within this relative FLOP difference.
 MATCH_TOLERANCE = 0.10
@@ -95,7 +96,7 @@ def findings(data: dict, results: Table, aggregate: Table, comp: Dict[str, dict]
                             btx=b, best_expert=best, expert=who, gap_pct=gap))
 
     # 3. and 4. BTX against the seed and every baseline, on average.
-    for other in ["seed", "btm-top1", "btm-top2", "upcycle-data", "upcycle-compute", "dense"]:
+    for other in [n for n in data["models"] if n != "btx" and not n.startswith("expert-")]:
         if other not in agg:
             continue
         b, o = agg.get("btx", {}).get("mean_ppl"), agg[other].get("mean_ppl")
@@ -121,7 +122,7 @@ def findings(data: dict, results: Table, aggregate: Table, comp: Dict[str, dict]
                             diff=b - o, stderr=se))
 
     # Compute matching: the baselines the paper compares at equal compute really had it.
-    for key in ("upcycle-compute", "dense"):
+    for key in [b.name for b in BASELINES if b.matched == "compute"]:
         ratio = (comp.get(key) or {}).get("flops_vs_btx")
         if ratio is None:
             skipped.append(f"{key} compute matching: ledger entries missing")

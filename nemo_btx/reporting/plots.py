@@ -15,6 +15,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter
 
+from nemo_btx.run_dir import BASELINE_NAMES
+
 DPI = 110
 #: Fixed colours so a model looks the same in every figure.
 FIXED = {"seed": "#555555", "btx": "#d62728", "btm-top1": "#9467bd", "btm-top2": "#8c564b",
@@ -58,8 +60,7 @@ def loss_curves(data: dict, path: Path) -> Optional[Path]:
     """Training loss against tokens: the seed and its experts, then the MoE and its baselines."""
     stages = data["stages"]
     groups = [("Seed and domain experts", [n for n in stages if n == "seed" or n.startswith("expert-")]),
-              ("MoE finetune and baselines", [n for n in stages if n in ("btx", "upcycle-data",
-                                                                          "upcycle-compute", "dense")])]
+              ("MoE finetune and baselines", [n for n in stages if n == "btx" or n in BASELINE_NAMES])]
     groups = [(t, ns) for t, ns in groups if any(stages[n]["curve"]["loss"] for n in ns)]
     if not groups:
         return None

@@ -14,7 +14,8 @@ import shutil
 
 from nemo_btx.config.schema import ExperimentConfig
 from nemo_btx.errors import BtxError
-from nemo_btx.stages.common import domain_names, expert_dir, run_dir
+from nemo_btx.run_dir import RunDir
+from nemo_btx.stages.common import domain_names
 
 log = logging.getLogger(__name__)
 
@@ -29,20 +30,21 @@ def _link_or_copy(src: str, dst: str) -> None:
 def run(cfg: ExperimentConfig) -> None:
     from nemo_btx.training import checkpoint as ckpt
 
-    seed = run_dir(cfg) / "seed"
-    if not (seed / "manifest.json").is_file():
-        raise BtxError(f"{seed}: the seed is not complete; run `nemo-btx seed` first")
-    ckpt.read_marker(seed / "weights")  # refuses an incomplete copy
+    rd = RunDir.of(cfg)
+    if not rd.complete(rd.seed):
+        raise BtxError(f"{rd.seed}: the seed is not complete; run `nemo-btx seed` first")
+    weights = rd.model("seed", []).checkpoints[0]
+    ckpt.read_marker(rd.root / weights)  # refuses an incomplete copy
     for domain in domain_names(cfg):
-        target = expert_dir(cfg, domain) / "init"
+        target = rd.expert_init(domain)
         if ckpt.is_complete(target):
             log.info("branch: %s exists, skipping", target)
             continue
-        tmp = target.parent / ".init.tmp"
+        tmp = target.parent / f".{target.name}.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(seed / "weights", tmp, copy_function=_link_or_copy)
+        shutil.copytree(rd.root / weights, tmp, copy_function=_link_or_copy)
         if target.exists():  # an unmarked leftover
             shutil.rmtree(target)
         os.replace(tmp, target)

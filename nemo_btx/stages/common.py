@@ -1,19 +1,16 @@
-"""Small helpers the training stages share: run-directory paths and preconditions.
+"""Small helpers the training stages share: domains and preconditions.
 
-(Stages never import each other; what they share lives here or in the library.)
+(Stages never import each other; what they share lives here or in the library. Paths come from
+`nemo_btx.run_dir`.)
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import List, Optional
 
 from nemo_btx.config.schema import ExperimentConfig
 from nemo_btx.errors import BtxError, ConfigError
-
-
-def run_dir(cfg: ExperimentConfig) -> Path:
-    return Path(cfg.run.dir)
+from nemo_btx.run_dir import MANIFEST, RunDir
 
 
 def domain_names(cfg: ExperimentConfig) -> List[str]:
@@ -27,8 +24,9 @@ def domain_weights(cfg: ExperimentConfig, names: Optional[List[str]] = None) -> 
 
 def require_data(cfg: ExperimentConfig) -> None:
     """Training needs the data stage's output; say which command makes it."""
-    if not (run_dir(cfg) / "data" / "manifest.json").is_file():
-        raise BtxError(f"{run_dir(cfg) / 'data'}: no complete data (manifest.json missing); "
+    rd = RunDir.of(cfg)
+    if not rd.complete(rd.data):
+        raise BtxError(f"{rd.data}: no complete data ({MANIFEST} missing); "
                        f"run `nemo-btx data run.dir={cfg.run.dir}` first")
 
 
@@ -52,10 +50,6 @@ def resolve_domain(cfg: ExperimentConfig) -> str:
                       f"(domains: {', '.join(names)})")
 
 
-def expert_dir(cfg: ExperimentConfig, domain: str) -> Path:
-    return run_dir(cfg) / "experts" / domain
-
-
 def expert_table(cfg: ExperimentConfig) -> str:
     """Validation perplexity per domain of the seed and each finished expert (Markdown).
 
@@ -65,14 +59,14 @@ def expert_table(cfg: ExperimentConfig) -> str:
     import json
     import math
 
+    rd = RunDir.of(cfg)
     names = domain_names(cfg)
-    rows = [("seed", run_dir(cfg) / "seed")] + [(f"expert:{d}", expert_dir(cfg, d)) for d in names]
+    rows = [("seed", rd.seed)] + [(f"expert:{d}", rd.expert(d)) for d in names]
     lines = ["| model | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for label, path in rows:
-        manifest = path / "manifest.json"
-        if not manifest.is_file():
+        if not rd.complete(path):
             continue
-        valid = json.loads(manifest.read_text()).get("valid_loss") or {}
+        valid = json.loads((path / MANIFEST).read_text()).get("valid_loss") or {}
         cells = [f"{math.exp(valid[d]):.2f}" if d in valid else "-" for d in names]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -86,10 +80,10 @@ def train_on(scfg: ExperimentConfig, job):
     from nemo_btx.training.loop import run_training
 
     rt = init_runtime(scfg)
+    root = RunDir.of(scfg).root
     try:
-        data = TrainData(scfg, run_dir(scfg), job.domains, job.weights)
-        valid = {d: validation_batches(scfg, run_dir(scfg), d, scfg.data.eval_iters)
-                 for d in job.eval_domains}
+        data = TrainData(scfg, root, job.domains, job.weights)
+        valid = {d: validation_batches(scfg, root, d, scfg.data.eval_iters) for d in job.eval_domains}
         run_training(scfg, job, rt, data.global_batch, valid)
     finally:
         shutdown()

@@ -1,14 +1,19 @@
-"""Stage `eval`: score one model of the run directory on the lm-eval tasks and on held-out
-perplexity per domain.
+"""Stage `eval`: score one model on the lm-eval tasks and on held-out perplexity per domain.
 
-Output: `<run.dir>/eval/<model>/results.json` — lm-eval's results dict (results, groups,
-configs, versions, n-shot, higher_is_better, n-samples) plus a `nemo_btx` section (model name,
-checkpoints, per-domain perplexity, limit, versions). Written atomically; a model whose
-results.json exists is skipped, so a re-submitted job only evaluates what is missing.
+Output: `results.json` — lm-eval's results dict (results, groups, configs, versions, n-shot,
+higher_is_better, n-samples) plus a `nemo_btx` section (model name, checkpoints and their
+identity, per-domain perplexity, limit, versions). Written atomically.
 
-Models by name: `seed`, `expert-<domain>`, `btx` (finetuned, else just mixed),
-`upcycle-data` / `upcycle-compute` (the sparse-upcycling baselines), `dense`, `btm-top1` / `btm-top2` (the ensemble of the experts), `all` (every one that exists),
-or a checkpoint directory.
+Models by name (nemo_btx/run_dir.py `RunDir.models`): `seed`, `expert-<domain>`, `btx`
+(finetuned, else just mixed), `upcycle-data` / `upcycle-compute` (sparse upcycling), `dense`,
+`btm-top1` / `btm-top2` (the ensemble of the experts), `all` (every one that exists); results
+go to `<run.dir>/eval/<name>/`. Any other complete checkpoint directory is evaluated into
+`<run.dir>/eval/checkpoint-<parent>-<identity>/`.
+
+Results are tied to the checkpoint they came from: `nemo_btx.identity` is the checkpoint's
+identity (its marker's unique id; for BTM, that of its experts and settings). A results.json of
+the same identity is reused, so a re-submitted job only evaluates what is missing; one of
+another identity (the model was retrained) is evaluated again and replaced.
 """
 
 from __future__ import annotations
@@ -16,85 +21,107 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List, Optional, Tuple
 
 from nemo_btx.config.schema import ExperimentConfig
 from nemo_btx.errors import BtxError, ConfigError
-from nemo_btx.stages.common import domain_names, run_dir
+from nemo_btx.run_dir import BTM_MODELS, RESULTS, RunDir, checkpoint_identity, combined_identity
+from nemo_btx.stages.common import domain_names
 
 log = logging.getLogger(__name__)
 
 
-def candidates(cfg: ExperimentConfig) -> Dict[str, List[Path]]:
-    """Model name -> checkpoint directories in preference order (BTM: all experts)."""
-    root = run_dir(cfg)
-    out: Dict[str, List[Path]] = {"seed": [root / "seed" / "weights"]}
-    for d in domain_names(cfg):
-        out[f"expert-{d}"] = [root / "experts" / d / "weights"]
-    out["btx"] = [root / "btx" / "finetuned" / "weights", root / "btx" / "mixed" / "weights",
-                  root / "btx" / "mixed"]
-    out["upcycle-data"] = [root / "baselines" / "upcycle" / "data_matched" / "weights"]
-    out["upcycle-compute"] = [root / "baselines" / "upcycle" / "compute_matched" / "weights"]
-    out["dense"] = [root / "baselines" / "dense" / "weights"]
-    return out
+def _run_models(cfg: ExperimentConfig):
+    return RunDir.of(cfg).models(domain_names(cfg), cfg.baselines.which)
 
 
 def checkpoints_of(cfg: ExperimentConfig, name: str) -> List[Path]:
-    """The checkpoint(s) behind a model name; BtxError when none is complete yet."""
-    from nemo_btx.training.checkpoint import is_complete
-
-    if name in ("btm-top1", "btm-top2"):
-        experts = [run_dir(cfg) / "experts" / d / "weights" for d in domain_names(cfg)]
-        missing = [str(p) for p in experts if not is_complete(p)]
-        if missing:
-            raise BtxError(f"{name} needs every expert; missing: {', '.join(missing)}")
-        return experts
-    table = candidates(cfg)
-    if name not in table:
+    """The checkpoint(s) behind a model name; BtxError when none is complete yet. No torch:
+    `run` and `launch` ask it on a login node."""
+    rd = RunDir.of(cfg)
+    is_complete = rd.checkpoint_complete
+    models = {m.name: m for m in _run_models(cfg)}
+    if name not in models:
         path = Path(name)
         if is_complete(path):
             return [path]
-        raise ConfigError("eval.model", name, f"one of {', '.join([*table, 'btm-top1', 'btm-top2', 'all'])} "
+        raise ConfigError("eval.model", name, f"one of {', '.join([*models, 'all'])} "
                           "or a complete checkpoint directory")
-    for path in table[name]:
+    model = models[name]
+    candidates = [rd.root / c for c in model.checkpoints]
+    if model.ensemble:
+        missing = [str(p) for p in candidates if not is_complete(p)]
+        if missing:
+            raise BtxError(f"{name} needs every expert; missing: {', '.join(missing)}")
+        return candidates
+    for path in candidates:
         if is_complete(path):
             return [path]
-    raise BtxError(f"model {name!r}: no complete checkpoint at {', '.join(map(str, table[name]))}")
+    raise BtxError(f"model {name!r}: no complete checkpoint at {', '.join(map(str, candidates))}")
 
 
 def available(cfg: ExperimentConfig) -> List[str]:
     names = []
-    for name in [*candidates(cfg), "btm-top1", "btm-top2"]:
+    for model in _run_models(cfg):
         try:
-            checkpoints_of(cfg, name)
+            checkpoints_of(cfg, model.name)
         except BtxError:
             continue
-        names.append(name)
+        names.append(model.name)
     return names
 
 
-def output_dir(cfg: ExperimentConfig, name: str) -> Path:
-    label = name if not Path(name).is_absolute() and "/" not in name else Path(name).parent.name or "custom"
-    return run_dir(cfg) / "eval" / label
+def identity_of(cfg: ExperimentConfig, name: str, paths: List[Path]) -> str:
+    """What the results will be of: the checkpoint's identity (BTM: experts + settings)."""
+    ids = [checkpoint_identity(p) for p in paths]
+    if name in BTM_MODELS:
+        return combined_identity(ids, name, cfg.eval.btm_prior, cfg.eval.btm_routing)
+    return ids[0]
+
+
+def output_dir(cfg: ExperimentConfig, name: str, paths: List[Path], identity: str) -> Path:
+    rd = RunDir.of(cfg)
+    if name in {m.name for m in _run_models(cfg)}:
+        return rd.eval_dir(name)
+    return rd.eval_dir_for_checkpoint(paths[0], identity)
 
 
 def run(cfg: ExperimentConfig) -> None:
     names = available(cfg) if cfg.eval.model == "all" else [cfg.eval.model]
     if not names:
-        raise BtxError(f"{run_dir(cfg)}: no complete model to evaluate yet")
+        raise BtxError(f"{cfg.run.dir}: no complete model to evaluate yet")
     for name in names:
         evaluate_model(cfg, name)
+
+
+def _existing(out: Path, identity: str) -> Tuple[bool, Optional[str]]:
+    """(results of this identity exist, identity of the results there)."""
+    from nemo_btx.artifacts import read_json
+
+    if not out.is_file():
+        return False, None
+    try:
+        had = (read_json(out).get("nemo_btx") or {}).get("identity")
+    except (OSError, ValueError):
+        return False, None
+    return had == identity, had
 
 
 def evaluate_model(cfg: ExperimentConfig, name: str) -> Optional[Path]:
     from nemo_btx.artifacts import software_versions, write_json_atomic
 
-    out = output_dir(cfg, name) / "results.json"
-    if out.is_file():
-        log.info("eval %s: complete (%s), skipping", name, out)
-        return out
     paths = checkpoints_of(cfg, name)
+    identity = identity_of(cfg, name, paths)
+    out = output_dir(cfg, name, paths, identity) / RESULTS
+    same, had = _existing(out, identity)
+    if same:
+        log.info("eval %s: complete for this checkpoint (%s), skipping", name, out)
+        return out
+    if out.is_file():
+        log.warning("eval %s: %s holds results of another checkpoint (identity %s, now %s); "
+                    "evaluating again", name, out, had, identity)
     start = time.monotonic()
+    rd = RunDir.of(cfg)
     lm = build_lm(cfg, name, paths)
     try:
         results = {}
@@ -108,17 +135,17 @@ def evaluate_model(cfg: ExperimentConfig, name: str) -> Optional[Path]:
             from nemo_btx.evaluation.runner import domain_perplexity
 
             eval_cfg = _with_model_shape(cfg, lm)
-            perplexity = domain_perplexity(lm.scorer, eval_cfg, run_dir(cfg), domain_names(cfg),
+            perplexity = domain_perplexity(lm.scorer, eval_cfg, rd.root, domain_names(cfg),
                                            cfg.eval.perplexity_batches or cfg.data.eval_iters)
     finally:
         from nemo_btx.runtime.distributed import shutdown
 
         shutdown()
     results["nemo_btx"] = {
-        "model": name, "checkpoints": [str(p) for p in paths], "perplexity": perplexity,
-        "limit": cfg.eval.limit, "tasks": list(tasks), "skipped_tasks": skipped,
+        "model": name, "checkpoints": [str(p) for p in paths], "identity": identity,
+        "perplexity": perplexity, "limit": cfg.eval.limit, "tasks": list(tasks), "skipped_tasks": skipped,
         "seconds": time.monotonic() - start,
-        "btm": {"prior": cfg.eval.btm_prior, "routing": cfg.eval.btm_routing} if name.startswith("btm") else None,
+        "btm": {"prior": cfg.eval.btm_prior, "routing": cfg.eval.btm_routing} if name in BTM_MODELS else None,
         "versions": software_versions(), "complete": True}
     write_json_atomic(out, results)
     from nemo_btx.evaluation.runner import summary
@@ -152,12 +179,24 @@ def _with_model_shape(cfg: ExperimentConfig, lm) -> ExperimentConfig:
 def build_lm(cfg: ExperimentConfig, name: str, paths: List[Path]):
     """The lm-eval model for a resolved name (one checkpoint, or the BTM ensemble)."""
     common = dict(batch_size=cfg.eval.batch_size, gen_cap=cfg.eval.max_gen_toks)
-    if name.startswith("btm-"):
+    root = str(RunDir.of(cfg).root)
+    if name in BTM_MODELS:
         from nemo_btx.evaluation.btm import BTMLM
 
-        return BTMLM(experts="|".join(map(str, paths)), top_k=int(name[-1]), run_dir=str(run_dir(cfg)),
+        return BTMLM(experts="|".join(map(str, paths)), top_k=int(name[-1]), run_dir=root,
                      prior=cfg.eval.btm_prior, routing=cfg.eval.btm_routing,
                      domains="|".join(domain_names(cfg)), **common)
     from nemo_btx.evaluation.lm import NemoBtxLM
 
-    return NemoBtxLM(str(paths[0]), run_dir=str(run_dir(cfg)), **common)
+    return NemoBtxLM(str(paths[0]), run_dir=root, **common)
+
+
+def is_current(cfg: ExperimentConfig, name: str) -> bool:
+    """Whether the model's results exist and are of its current checkpoint (what `run` and
+    `launch` ask before they schedule an evaluation again)."""
+    try:
+        paths = checkpoints_of(cfg, name)
+        identity = identity_of(cfg, name, paths)
+    except (BtxError, OSError):
+        return False
+    return _existing(output_dir(cfg, name, paths, identity) / RESULTS, identity)[0]

@@ -9,7 +9,7 @@ routing ablations are one override each:
     nemo-btx finetune finetune.routing=soft             # every expert active
     nemo-btx finetune finetune.load_balancing=false     # no aux loss (routing may collapse)
     nemo-btx finetune finetune.freeze_experts=true      # only attention/norms/embeddings/routers
-    nemo-btx finetune finetune.init=runs/tiny/baselines/upcycle/mixed finetune.out=...
+    nemo-btx finetune finetune.init=runs/tiny/baselines/upcycled finetune.out=...
 
 Output: <run.dir>/btx/finetuned (weights, checkpoints, metrics, routing.json, manifest.json).
 """
@@ -22,7 +22,8 @@ from pathlib import Path
 
 from nemo_btx.config.schema import ExperimentConfig
 from nemo_btx.model.moe_config import model_from_marker, routed_model
-from nemo_btx.stages.common import domain_names, domain_weights, require_data, run_dir, train_on
+from nemo_btx.run_dir import RunDir
+from nemo_btx.stages.common import domain_names, domain_weights, require_data, train_on
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +34,9 @@ def is_expert_param(name: str) -> bool:
 
 def _paths(cfg: ExperimentConfig):
     f = cfg.finetune
-    init = Path(f.init) if f.init else run_dir(cfg) / "btx" / "mixed"
-    out = Path(f.out) if f.out else run_dir(cfg) / "btx" / "finetuned"
+    rd = RunDir.of(cfg)
+    init = Path(f.init) if f.init else rd.mixed
+    out = Path(f.out) if f.out else rd.finetuned
     return init, out
 
 
@@ -53,20 +55,20 @@ def resolve_config(cfg: ExperimentConfig) -> ExperimentConfig:
 def run(cfg: ExperimentConfig) -> None:
     from nemo_btx.config.validate import validate
     from nemo_btx.data.tokenizer import check_vocab, load_tokenizer
-    from nemo_btx.training.loop import TrainJob, is_done, stage_config
+    from nemo_btx.training.loop import TrainJob, stage_config
 
     f = cfg.finetune
     init, out = _paths(cfg)
-    if is_done(out):
+    if RunDir.complete(out):
         log.info("finetune: %s complete, skipping", out)
         return
     require_data(cfg)
     scfg = stage_config(resolve_config(cfg), f, f.train_iters)
     validate(scfg)
-    check_vocab(load_tokenizer(run_dir(cfg)), scfg.model)
+    check_vocab(load_tokenizer(RunDir.of(cfg).root), scfg.model)
     names = domain_names(cfg)
     job = TrainJob(name="finetune", out_dir=out, domains=names, weights=domain_weights(cfg, names),
                    init_from=init, eval_domains=names, stage=f, parent=str(init),
                    frozen=is_expert_param if f.freeze_experts else None,
-                   ledger=run_dir(cfg) / "ledger.jsonl")
+                   ledger=RunDir.of(cfg).ledger)
     train_on(scfg, job)

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Dict, List
 
 from nemo_btx.config.schema import ExperimentConfig
 from nemo_btx.errors import BtxError, ConfigError
-from nemo_btx.stages.common import domain_names, run_dir
+from nemo_btx.run_dir import MANIFEST, RunDir, checkpoint_tokenizer, find_run_dir
+from nemo_btx.stages.common import domain_names
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +31,9 @@ def import_hf(cfg: ExperimentConfig) -> Path:
     src = Path(cfg.hf.path).expanduser()
     if not src.is_dir():
         raise ConfigError("hf.path", cfg.hf.path, "no such directory")
-    out = Path(cfg.hf.out) if cfg.hf.out else run_dir(cfg) / "imported"
+    out = Path(cfg.hf.out) if cfg.hf.out else RunDir.of(cfg).imported
     if is_complete(out):
-        manifest = out / "manifest.json"
+        manifest = out / MANIFEST
         done = read_json(manifest) if manifest.is_file() else {}
         if done.get("source") == str(src.resolve()):
             log.info("import-hf: %s already holds %s, skipping", out, src)
@@ -44,31 +44,17 @@ def import_hf(cfg: ExperimentConfig) -> Path:
         raise ConfigError("hf.out", str(out), "exists and is not a complete import; remove it")
     model = import_llama(src, out, cfg.model, dtype=cfg.hf.dtype)
     # Every later stage builds this model: it needs the overrides (or a conf/model preset).
-    manifest = read_json(out / "manifest.json")
+    manifest = read_json(out / MANIFEST)
     common = " ".join([f"run.dir={cfg.run.dir}", *manifest["overrides"]])
-    tokenizer = out / "tokenizer" if manifest["tokenizer"] else "<its tokenizer.json>"
+    tokenizer = checkpoint_tokenizer(out) if manifest["tokenizer"] else "<its tokenizer.json>"
     log.info("import-hf: %s is ready as the seed; next:", model.name)
     log.info("  nemo-btx data %s data.tokenizer.kind=hf data.tokenizer.path=%s", common, tokenizer)
     log.info("  nemo-btx seed %s seed.checkpoint=%s", common, out)
     return out
 
 
-def _candidates(cfg: ExperimentConfig) -> Dict[str, List[Path]]:
-    """Model name -> checkpoint directories in preference order (as `eval` names them)."""
-    root = run_dir(cfg)
-    out: Dict[str, List[Path]] = {"seed": [root / "seed" / "weights"]}
-    for d in domain_names(cfg):
-        out[f"expert-{d}"] = [root / "experts" / d / "weights"]
-    out["btx"] = [root / "btx" / "finetuned" / "weights", root / "btx" / "mixed"]
-    out["upcycle-data"] = [root / "baselines" / "upcycle" / "data_matched" / "weights"]
-    out["upcycle-compute"] = [root / "baselines" / "upcycle" / "compute_matched" / "weights"]
-    out["dense"] = [root / "baselines" / "dense" / "weights"]
-    return out
-
-
 def export_hf(cfg: ExperimentConfig) -> Path:
     """Write a checkpoint of the run (hf.model) or any checkpoint (hf.path) as a HF model."""
-    from nemo_btx.evaluation.model import find_run_dir
     from nemo_btx.hf.exporter import export_checkpoint
     from nemo_btx.hf.files import parse_size
     from nemo_btx.training.checkpoint import is_complete
@@ -78,24 +64,26 @@ def export_hf(cfg: ExperimentConfig) -> Path:
         if not is_complete(src):
             raise ConfigError("hf.path", cfg.hf.path, "not a complete checkpoint directory")
     else:
-        table = _candidates(cfg)
-        if cfg.hf.model not in table:
-            raise ConfigError("hf.model", cfg.hf.model, f"one of {', '.join(table)} (or set hf.path "
+        rd = RunDir.of(cfg)
+        models = {m.name: m for m in rd.models(domain_names(cfg), cfg.baselines.which) if not m.ensemble}
+        if cfg.hf.model not in models:
+            raise ConfigError("hf.model", cfg.hf.model, f"one of {', '.join(models)} (or set hf.path "
                               "to a checkpoint directory)")
-        found = [p for p in table[cfg.hf.model] if is_complete(p)]
+        candidates = [rd.root / c for c in models[cfg.hf.model].checkpoints]
+        found = [p for p in candidates if is_complete(p)]
         if not found:
             raise BtxError(f"model {cfg.hf.model!r}: no complete checkpoint at "
-                           f"{', '.join(map(str, table[cfg.hf.model]))}")
+                           f"{', '.join(map(str, candidates))}")
         src, label = found[0], cfg.hf.model
     try:
         max_bytes = parse_size(cfg.hf.max_shard_size)
     except ValueError as err:
         raise ConfigError("hf.max_shard_size", cfg.hf.max_shard_size, str(err)) from None
-    out = Path(cfg.hf.out) if cfg.hf.out else run_dir(cfg) / "hf" / label
+    out = Path(cfg.hf.out) if cfg.hf.out else RunDir.of(cfg).hf_export(label)
     # An imported checkpoint carries its own tokenizer; a run's checkpoints use the run's.
-    tokenizer = src / "tokenizer"
+    tokenizer = checkpoint_tokenizer(src)
     if not (tokenizer / "tokenizer.json").is_file():
-        tokenizer = (find_run_dir(src) or run_dir(cfg)) / "tokenizer"
+        tokenizer = RunDir(find_run_dir(src) or cfg.run.dir).tokenizer
     if not (tokenizer / "tokenizer.json").is_file():
         log.warning("export-hf: no tokenizer at %s; writing the model without one", tokenizer)
         tokenizer = None

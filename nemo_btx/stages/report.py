@@ -23,6 +23,7 @@ from typing import Optional
 
 from nemo_btx.config.schema import ExperimentConfig
 from nemo_btx.errors import BtxError
+from nemo_btx.run_dir import REPORT_JSON, RunDir
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def build_report(run_dir: Path, out_dir: Optional[Path] = None) -> dict:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise BtxError(f"{run_dir}: no such run directory")
-    out_dir = Path(out_dir) if out_dir is not None else run_dir / "report"
+    out_dir = Path(out_dir) if out_dir is not None else RunDir(run_dir).report
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     _remove_leftovers(out_dir)
@@ -100,7 +101,7 @@ def _write(run_dir: Path, out: Path) -> dict:
     }
     write_text_atomic(out / "report.md", markdown.render(blocks))
     write_text_atomic(out / "report.html", html.render(blocks, out))
-    write_json_atomic(out / "report.json", json.loads(json.dumps(report, default=str)))
+    write_json_atomic(out / REPORT_JSON, json.loads(json.dumps(report, default=str)))
     return report
 
 

@@ -9,27 +9,29 @@ import logging
 from pathlib import Path
 
 from nemo_btx.config.schema import ExperimentConfig
-from nemo_btx.stages.common import domain_names, domain_weights, require_data, run_dir, train_on
+from nemo_btx.run_dir import MANIFEST, WEIGHTS, RunDir
+from nemo_btx.stages.common import domain_names, domain_weights, require_data, train_on
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: ExperimentConfig) -> None:
     from nemo_btx.data.tokenizer import check_vocab, load_tokenizer
-    from nemo_btx.training.loop import TrainJob, is_done, stage_config
+    from nemo_btx.training.loop import TrainJob, stage_config
 
-    out = run_dir(cfg) / "seed"
-    if is_done(out):
-        log.info("seed: complete (%s), skipping", out / "manifest.json")
+    rd = RunDir.of(cfg)
+    out = rd.seed
+    if rd.complete(out):
+        log.info("seed: complete (%s), skipping", out / MANIFEST)
         return
     require_data(cfg)
-    check_vocab(load_tokenizer(run_dir(cfg)), cfg.model)
+    check_vocab(load_tokenizer(rd.root), cfg.model)
     if cfg.seed.checkpoint is not None:
         return adopt(cfg, Path(cfg.seed.checkpoint), out)
     scfg = stage_config(cfg, cfg.seed, cfg.seed.train_iters)
     names = domain_names(cfg)
     job = TrainJob(name="seed", out_dir=out, domains=names, weights=domain_weights(cfg, names),
-                   eval_domains=names, stage=cfg.seed, ledger=run_dir(cfg) / "ledger.jsonl")
+                   eval_domains=names, stage=cfg.seed, ledger=rd.ledger)
     train_on(scfg, job)
 
 
@@ -46,11 +48,11 @@ def adopt(cfg: ExperimentConfig, source: Path, out: Path) -> None:
     try:
         chunks = build_model(cfg, wrap_ddp=False)
         ckpt.load_model_weights(chunks, source, cfg.model)
-        ckpt.save_model_weights(chunks, out / "weights", cfg.model, extra={"stage": "seed"})
+        ckpt.save_model_weights(chunks, out / WEIGHTS, cfg.model, extra={"stage": "seed"})
         if rt.is_main:
-            write_json_atomic(out / "manifest.json", {
+            write_json_atomic(out / MANIFEST, {
                 "stage": "seed", "adopted_from": str(source.resolve()), "steps": 0,
-                "tokens_seen": 0, "weights": "weights", "config": to_yaml(cfg),
+                "tokens_seen": 0, "weights": WEIGHTS, "config": to_yaml(cfg),
                 "versions": software_versions(), "complete": True})
         log.info("seed: adopted %s", source)
     finally:

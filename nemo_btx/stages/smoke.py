@@ -10,11 +10,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from pathlib import Path
 
 from nemo_btx.artifacts import software_versions, write_json_atomic, write_text_atomic
 from nemo_btx.config import to_yaml, validate
 from nemo_btx.config.schema import ExperimentConfig
+from nemo_btx.run_dir import CONFIG, RunDir
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +75,12 @@ def run(cfg: ExperimentConfig) -> dict:
     finally:
         shutdown()
     if rt.is_main:
-        out = Path(cfg.run.dir) / "smoke"
+        out = RunDir.of(cfg).smoke
         write_json_atomic(out / "result.json", {
             "results": results, "world_size": rt.world_size, "device": str(rt.device),
             "cpu_redirections": list(rt.cpu_redirections), "versions": software_versions(),
         })
-        write_text_atomic(out / "config.yaml", to_yaml(cfg))
+        write_text_atomic(out / CONFIG, to_yaml(cfg))
         for variant, res in results.items():
             log.info("smoke %s: loss %.3f -> %.3f over %d steps, %.0f tokens/s", variant,
                      res["losses"][0], res["losses"][-1], len(res["losses"]), res["tokens_per_second"])

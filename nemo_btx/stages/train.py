@@ -5,18 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 
 from nemo_btx.config.schema import ExperimentConfig
-from nemo_btx.stages.common import domain_names, domain_weights, require_data, run_dir, train_on
+from nemo_btx.run_dir import RunDir
+from nemo_btx.stages.common import domain_names, domain_weights, require_data, train_on
 
 
 def run(cfg: ExperimentConfig) -> None:
     from nemo_btx.data.tokenizer import check_vocab, load_tokenizer
-    from nemo_btx.training.loop import TrainJob, is_done, stage_config
+    from nemo_btx.training.loop import TrainJob, stage_config
 
-    out = Path(cfg.job.out) if cfg.job.out else run_dir(cfg) / "train"
-    if is_done(out):
+    rd = RunDir.of(cfg)
+    out = Path(cfg.job.out) if cfg.job.out else rd.train
+    if rd.complete(out):
         return
     require_data(cfg)
-    check_vocab(load_tokenizer(run_dir(cfg)), cfg.model)
+    check_vocab(load_tokenizer(rd.root), cfg.model)
     names = cfg.job.domains or domain_names(cfg)
     unknown = sorted(set(names) - set(domain_names(cfg)))
     if unknown:
@@ -27,5 +29,5 @@ def run(cfg: ExperimentConfig) -> None:
     job = TrainJob(name="train", out_dir=out, domains=names, weights=domain_weights(cfg, names),
                    init_from=Path(cfg.job.init) if cfg.job.init else None,
                    eval_domains=domain_names(cfg), stage=cfg.job,
-                   ledger=run_dir(cfg) / "ledger.jsonl")
+                   ledger=rd.ledger)
     train_on(scfg, job)

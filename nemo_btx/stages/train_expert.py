@@ -10,8 +10,8 @@ import logging
 
 from nemo_btx.config.schema import ExperimentConfig
 from nemo_btx.errors import BtxError
-from nemo_btx.stages.common import (
-    domain_names, expert_dir, expert_table, require_data, resolve_domain, run_dir, train_on)
+from nemo_btx.run_dir import RunDir
+from nemo_btx.stages.common import domain_names, expert_table, require_data, resolve_domain, train_on
 
 log = logging.getLogger(__name__)
 
@@ -19,22 +19,23 @@ log = logging.getLogger(__name__)
 def run(cfg: ExperimentConfig) -> None:
     from nemo_btx.data.tokenizer import check_vocab, load_tokenizer
     from nemo_btx.training import checkpoint as ckpt
-    from nemo_btx.training.loop import TrainJob, is_done, stage_config
+    from nemo_btx.training.loop import TrainJob, stage_config
 
     domain = resolve_domain(cfg)
-    out = expert_dir(cfg, domain)
-    if is_done(out):
+    rd = RunDir.of(cfg)
+    out = rd.expert(domain)
+    if rd.complete(out):
         log.info("expert %s: complete, skipping", domain)
         return
     require_data(cfg)
-    init = out / "init"
+    init = rd.expert_init(domain)
     if not ckpt.is_complete(init):
         raise BtxError(f"{init}: no branched seed for '{domain}'; run `nemo-btx branch` first")
-    check_vocab(load_tokenizer(run_dir(cfg)), cfg.model)
+    check_vocab(load_tokenizer(rd.root), cfg.model)
     scfg = stage_config(cfg, cfg.expert, cfg.expert.train_iters)
     job = TrainJob(name=f"expert:{domain}", out_dir=out, domains=[domain], init_from=init,
                    eval_domains=domain_names(cfg), stage=cfg.expert,
-                   parent=str(run_dir(cfg) / "seed"), ledger=run_dir(cfg) / "ledger.jsonl")
+                   parent=str(rd.seed), ledger=rd.ledger)
     rt = train_on(scfg, job)
     if rt.is_main:
         log.info("validation perplexity (seed and experts so far):\n%s", expert_table(cfg))

@@ -2,7 +2,7 @@
 
 The same converter as `mix` with one source: model.moe.num_experts experts (default: number
 of domains + 1, the size of the BTX MoE it is compared with) and a new router.
-Output: <run.dir>/baselines/upcycle/mixed (or mix.out).
+Output: <run.dir>/baselines/upcycled (or mix.out).
 """
 
 from __future__ import annotations

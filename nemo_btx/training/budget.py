@@ -15,10 +15,11 @@ from typing import List
 from nemo_btx.config.schema import ModelConfig
 from nemo_btx.errors import BtxError
 from nemo_btx.model.build import model_flops_per_token
+from nemo_btx.run_dir import RunDir
 
 
 def read_ledger(run_dir: Path) -> List[dict]:
-    path = Path(run_dir) / "ledger.jsonl"
+    path = RunDir(run_dir).ledger
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -47,12 +48,12 @@ def _under(path: str, root: Path) -> bool:
 def btx_flops(run_dir: Path) -> float:
     """FLOPs of the BTX-specific training: every expert plus the MoE finetune (not the seed,
     which all methods share)."""
-    run_dir = Path(run_dir)
-    entries = stage_totals(run_dir)
-    experts = [e for e in entries if _under(out_dir(e, run_dir), run_dir / "experts")]
-    finetune = [e for e in entries if _under(out_dir(e, run_dir), run_dir / "btx" / "finetuned")]
+    rd = RunDir(run_dir)
+    entries = stage_totals(rd.root)
+    experts = [e for e in entries if _under(out_dir(e, rd.root), rd.experts)]
+    finetune = [e for e in entries if _under(out_dir(e, rd.root), rd.finetuned)]
     if not experts or not finetune:
-        raise BtxError(f"{run_dir / 'ledger.jsonl'}: no expert or BTX finetune entries; train the "
+        raise BtxError(f"{rd.ledger}: no expert or BTX finetune entries; train the "
                        "experts and run `nemo-btx finetune` before the compute-matched baselines")
     return sum(e["flops"] for e in experts + finetune)
 

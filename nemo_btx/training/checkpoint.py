@@ -35,7 +35,7 @@ import torch
 from nemo_btx.artifacts import read_json, software_versions, write_json_atomic
 from nemo_btx.errors import CheckpointError
 from nemo_btx.model.build import unwrap
-from nemo_btx.run_dir import CHECKPOINT_MARKER
+from nemo_btx.run_dir import CHECKPOINT_MARKER, RunDir
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def _barrier() -> None:
 
 
 def is_complete(path: Path) -> bool:
-    return (Path(path) / MARKER).is_file()
+    return RunDir.checkpoint_complete(path)
 
 
 def read_marker(path: Path) -> dict:

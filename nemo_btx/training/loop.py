@@ -23,9 +23,11 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from nemo_btx import progress
 from nemo_btx.artifacts import software_versions, write_json_atomic, write_text_atomic
 from nemo_btx.config import to_yaml
 from nemo_btx.config.schema import ExperimentConfig, TrainStageConfig
+from nemo_btx.run_dir import CONFIG, LEDGER, MANIFEST, METRICS, ROUTING, WEIGHTS
 
 log = logging.getLogger(__name__)
 
@@ -63,17 +65,12 @@ def stage_config(cfg: ExperimentConfig, stage: TrainStageConfig, train_iters: in
     return dataclasses.replace(cfg, train=train)
 
 
-def is_done(out_dir: Path) -> bool:
-    """A stage's output is complete when its manifest exists (written last)."""
-    return (Path(out_dir) / "manifest.json").is_file()
-
-
 class _Metrics:
     """metrics.jsonl (source of the report's loss curves) plus TensorBoard scalars, rank 0 only."""
 
     def __init__(self, out_dir: Path, resume_step: int, enabled: bool):
         self.enabled = enabled
-        self.path = out_dir / "metrics.jsonl"
+        self.path = out_dir / METRICS
         self.tb = None
         if not enabled:
             return
@@ -185,12 +182,13 @@ def run_training(cfg: ExperimentConfig, job: TrainJob, rt,
     # Only now, with every input loaded, does the run write anything of its own.
     if rt.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "config.yaml", to_yaml(cfg))
+        write_text_atomic(out / CONFIG, to_yaml(cfg))
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), rt.dp_size
     tokens_per_step = t.global_batch_size * cfg.model.seq_length
     flops_per_token = model_flops_per_token(cfg.model)
     metrics = _Metrics(out, start, enabled=rt.is_main)
     bar = _progress(t.train_iters, start, enabled=rt.is_main)
+    reporter = progress.Reporter("step", t.train_iters)  # for `nemo-btx run`'s status line
     preemption.install()  # USR1 (Slurm, before the time limit) -> checkpoint and stop
     t0, steps_run = time.perf_counter(), 0
     last_valid: Dict[str, float] = {}
@@ -207,6 +205,7 @@ def run_training(cfg: ExperimentConfig, job: TrainJob, rt,
                 last_valid = evaluate(cfg, chunks, valid, rt.device, dp_rank, dp_size)
                 record["valid"] = last_valid
             metrics.write(record)
+            reporter.update(done, eta_s=(t.train_iters - done) * tokens_per_step / rate)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{r.loss:.3f}", tok_s=f"{rate:.0f}")
@@ -246,21 +245,21 @@ def run_training(cfg: ExperimentConfig, job: TrainJob, rt,
         routing = recorder.fractions()
         recorder.close()
         if rt.is_main:
-            write_json_atomic(out / "routing.json", {"domains": list(valid), "fractions": routing,
+            write_json_atomic(out / ROUTING, {"domains": list(valid), "fractions": routing,
                                                      "num_experts": cfg.model.moe.num_experts,
                                                      "router_topk": cfg.model.moe.router_topk})
     elif not last_valid and valid:
         last_valid = evaluate(cfg, chunks, valid, rt.device, dp_rank, dp_size)
-    ckpt.save_model_weights(chunks, out / "weights", cfg.model, extra={"stage": job.name})
+    ckpt.save_model_weights(chunks, out / WEIGHTS, cfg.model, extra={"stage": job.name})
     tokens_total = t.train_iters * tokens_per_step
     summary = {
         "stage": job.name, "steps": t.train_iters, "tokens_seen": t.train_iters * tokens_per_step,
         "valid_loss": last_valid, "parent": job.parent, "domains": job.domains,
-        "weights": "weights", "train_flops_per_token": flops_per_token,
+        "weights": WEIGHTS, "train_flops_per_token": flops_per_token,
     }
     if rt.is_main:
         # The stage's totals (all segments), so the last line per `out` is what it cost.
-        ledger = Path(job.ledger or out / "ledger.jsonl")
+        ledger = Path(job.ledger or out / LEDGER)
         append_ledger(ledger, {
             "stage": job.name, "out": _relative(out, ledger.parent), "steps": [0, t.train_iters],
             "tokens": tokens_total, "flops": tokens_total * flops_per_token,
@@ -269,7 +268,7 @@ def run_training(cfg: ExperimentConfig, job: TrainJob, rt,
             "world_size": rt.world_size, "device": rt.device.type,
             "segment": {"steps": [start, t.train_iters], "wall_s": wall},
         })
-        write_json_atomic(out / "manifest.json", {
+        write_json_atomic(out / MANIFEST, {
             **summary, "config": to_yaml(cfg), "versions": software_versions(), "complete": True,
         })
     torch.distributed.barrier()

@@ -24,7 +24,7 @@ upcycle=$(submit --dependency=afterok:$seed "$HERE/07-upcycle.sbatch")
 echo "upcycle $upcycle"
 baselines=$(submit --dependency=afterok:$finetune:$upcycle "$HERE/08-baselines.sbatch")
 echo "baselines $baselines"
-eval=$(submit --dependency=afterok:$experts:$finetune:$baselines "$HERE/09-eval.sbatch")
+eval=$(submit --dependency=afterok:$baselines "$HERE/09-eval.sbatch")
 echo "eval $eval"
 report=$(submit --dependency=afterok:$eval "$HERE/10-report.sbatch")
 echo "report $report"

@@ -44,3 +44,46 @@ def test_eval_stage_btm_by_name(eval_run):  # noqa: F811
     assert set(res["nemo_btx"]["perplexity"]) == {"code", "math", "wiki"}
     with pytest.raises(Exception, match="eval.model"):
         evaluate.checkpoints_of(config(eval_run), "no-such-model")
+
+
+@pytest.mark.timeout(600)
+def test_results_are_keyed_by_checkpoint_not_directory_name(eval_run, tmp_path):  # noqa: F811
+    """Two different checkpoints in directories of the same name get their own results; a
+    results.json of another checkpoint is never reused."""
+    import shutil
+
+    from nemo_btx.run_dir import RunDir, checkpoint_identity
+
+    a, b = tmp_path / "a" / "same" / "weights", tmp_path / "b" / "same" / "weights"
+    shutil.copytree(eval_run / "seed" / "weights", a)
+    shutil.copytree(eval_run / "experts" / "code" / "weights", b)
+    outs = []
+    for ckpt in (a, b):
+        cfg = config(eval_run, f"eval.model={ckpt}", "eval.tasks=[]")
+        evaluate.run(cfg)
+        out = RunDir(eval_run).eval_dir_for_checkpoint(ckpt, checkpoint_identity(ckpt)) / "results.json"
+        res = json.loads(out.read_text())
+        assert res["nemo_btx"]["identity"] == checkpoint_identity(ckpt)
+        assert res["nemo_btx"]["checkpoints"] == [str(ckpt)]
+        outs.append((out, res["nemo_btx"]["perplexity"]))
+    assert outs[0][0] != outs[1][0]
+    assert outs[0][1] != outs[1][1]  # the seed and the code expert score differently
+    # The seed's copy scores what the seed scores (the same weights, the same identity).
+    assert checkpoint_identity(a) == checkpoint_identity(eval_run / "seed" / "weights")
+    # Evaluated again: skipped (same identity), the file untouched.
+    stamp = outs[0][0].stat().st_mtime_ns
+    evaluate.run(config(eval_run, f"eval.model={a}", "eval.tasks=[]"))
+    assert outs[0][0].stat().st_mtime_ns == stamp
+    # A run model whose results are of another checkpoint (retrained since) is evaluated again.
+    cfg = config(eval_run, "eval.model=expert-math", "eval.tasks=[]")
+    evaluate.run(cfg)
+    out = eval_run / "eval" / "expert-math" / "results.json"
+    assert evaluate.is_current(cfg, "expert-math")
+    stale = json.loads(out.read_text())
+    stale["nemo_btx"]["identity"] = "an-older-checkpoint"
+    out.write_text(json.dumps(stale))
+    assert not evaluate.is_current(cfg, "expert-math")
+    evaluate.run(cfg)
+    assert json.loads(out.read_text())["nemo_btx"]["identity"] == checkpoint_identity(
+        eval_run / "experts" / "math" / "weights")
+    assert evaluate.is_current(cfg, "expert-math")

@@ -9,6 +9,8 @@ import json
 import math
 from pathlib import Path
 
+from nemo_btx.run_dir import RunDir
+
 DOMAINS = ["code", "math", "wiki"]
 VERSIONS = {"hydra-core": "1.3.8", "lm-eval": "0.4.13", "megatron-core": "0.16.1", "nemo-btx": "0.1.0",
             "omegaconf": "2.3.1", "python": "3.11.7", "torch": "2.13.0+cpu"}
@@ -40,15 +42,12 @@ SCORES = {
 MMLU_SUBJECTS = {"btx_mmlu_stem": ["btx_mmlu_anatomy", "btx_mmlu_astronomy"],
                  "btx_mmlu_other": ["btx_mmlu_global_facts"]}
 DOCS = 40
-TRAIN_DIRS = {"seed": "seed", "expert-code": "experts/code", "expert-math": "experts/math",
-              "expert-wiki": "experts/wiki", "upcycle-data": "baselines/upcycle/data_matched",
-              "upcycle-compute": "baselines/upcycle/compute_matched", "dense": "baselines/dense",
-              "btx": "btx/finetuned"}
+TRAIN_DIRS = RunDir(".").training_dirs(["code", "math", "wiki"])
 STEPS = {"seed": 40, "expert-code": 20, "expert-math": 20, "expert-wiki": 20, "btx": 20,
          "upcycle-data": 20, "upcycle-compute": 60, "dense": 78}
 STAGE_NAMES = {"seed": "seed", "expert-code": "expert:code", "expert-math": "expert:math",
-               "expert-wiki": "expert:wiki", "btx": "finetune", "upcycle-data": "baseline:upcycle_data",
-               "upcycle-compute": "baseline:upcycle_compute", "dense": "baseline:dense_compute"}
+               "expert-wiki": "expert:wiki", "btx": "finetune", "upcycle-data": "baseline:upcycle-data",
+               "upcycle-compute": "baseline:upcycle-compute", "dense": "baseline:dense"}
 MOE = {"btx", "upcycle-data", "upcycle-compute"}
 #: The training manifests' valid_loss differs from the eval stage's loss by this much, so a test
 #: can tell which of the two a perplexity came from.

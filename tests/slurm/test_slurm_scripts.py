@@ -46,7 +46,7 @@ def submissions(submit_sh: str) -> dict:
 
 
 def h100_jobs(tmp_path, extra=()):
-    from nemo_btx.slurm.render import Target, build_jobs, render_files, stage_overrides
+    from nemo_btx.orchestration.slurm import Target, build_jobs, render_files, stage_overrides
 
     overrides = [*H100, f"run.dir={tmp_path}", *extra]
     cfg = load(overrides)
@@ -99,7 +99,7 @@ def test_llama2_7b_h100_chain(tmp_path):
     assert {s: deps for s, (_, deps, _) in subs.items()} == {
         "data": [], "seed": ["data"], "branch": ["seed"], "experts": ["branch"], "mix": ["experts"],
         "finetune": ["mix"], "upcycle": ["seed"], "baselines": ["finetune", "upcycle"],
-        "eval": ["experts", "finetune", "baselines"], "report": ["eval"]}
+        "eval": ["baselines"], "report": ["eval"]}
     for job in jobs[1:]:
         assert sbatch_options(files[job.script])["kill-on-invalid-dep"] == "yes"
     assert "kill-on-invalid-dep" not in sbatch_options(files[jobs[0].script])
@@ -133,14 +133,14 @@ def test_nodes_and_layout_world_sizes(tmp_path):
 
 
 def test_checked_in_examples_are_current():
-    from nemo_btx.slurm.render import EXAMPLES, example_files
+    from nemo_btx.orchestration.slurm import EXAMPLES, example_files
 
     for name in EXAMPLES:
         folder = REPO / "slurm" / name
         want = example_files(name)
         have = {p.name: p.read_text() for p in folder.iterdir()} if folder.is_dir() else {}
         assert have == want, (f"slurm/{name}/ is out of date with the renderer: "
-                              "run `python -m nemo_btx.slurm.render`")
+                              "run `python -m nemo_btx.orchestration.slurm`")
         assert all(os.access(folder / f, os.X_OK) for f in want)
 
 
@@ -171,11 +171,11 @@ def run_script(script: Path, tmp_path, task=None, **env):
 
 def test_every_task_runs_the_command_nemo_btx_run_runs(tmp_path):
     """Run each rendered job script with a fake srun: the argv it starts equals pipeline.command()."""
-    from nemo_btx.slurm.render import Target, build_jobs, render_files
-    from nemo_btx.stages.pipeline import command
+    from nemo_btx.orchestration.slurm import Target, build_jobs, render_files
+    from nemo_btx.orchestration.units import command
 
     rd = tmp_path / "run"
-    overrides = [f"run.dir={rd}", "baselines.which=[dense_compute]", "cluster.time=10"]
+    overrides = [f"run.dir={rd}", "baselines.which=[dense]", "cluster.time=10"]
     cfg = load(overrides)
     jobs = build_jobs(cfg, overrides)
     target = Target.for_launch(cfg, overrides, "config")
@@ -220,7 +220,7 @@ def test_gpu_job_starts_torchrun_per_node(tmp_path):
 ])
 def test_bad_cluster_config_is_one_error_naming_the_key(tmp_path, override, key):
     from nemo_btx.errors import ConfigError
-    from nemo_btx.slurm.render import build_jobs
+    from nemo_btx.orchestration.slurm import build_jobs
 
     overrides = [f"run.dir={tmp_path}", override]
     with pytest.raises(ConfigError) as err:
@@ -248,12 +248,12 @@ def test_cli_dry_run_and_errors(tmp_path):
 
 
 def test_dependencies_skip_complete_stages(tmp_path):
-    from nemo_btx.slurm.render import dependencies
+    from nemo_btx.orchestration.slurm import dependencies
 
     _, jobs, _ = h100_jobs(tmp_path)
     assert dependencies(jobs, ["experts", "mix", "finetune", "baselines", "eval", "report"]) == {
         "experts": [], "mix": ["experts"], "finetune": ["mix"], "baselines": ["finetune"],
-        "eval": ["experts", "finetune", "baselines"], "report": ["eval"]}
+        "eval": ["baselines"], "report": ["eval"]}
     assert dependencies(jobs, ["data", "eval", "report"]) == {"data": [], "eval": ["data"], "report": ["eval"]}
 
 

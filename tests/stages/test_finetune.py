@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import REPO, clean_env
+from nemo_btx.run_dir import RunDir
 
 SMALL = ["model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128",
          "model.num_attention_heads=4", "model.vocab_size=512", "model.seq_length=64",
@@ -129,7 +130,7 @@ def test_baselines_match_btx_data_and_compute(run_dir):
     # Stand-ins for the earlier stages: a dense seed and an upcycled MoE (random weights), and
     # the ledger lines three experts of 40 steps would have written.
     for out, extra in ((run_dir / "seed" / "weights", []),
-                       (run_dir / "baselines" / "upcycle" / "mixed", ["model.moe.num_experts=4"])):
+                       (RunDir(run_dir).upcycled, ["model.moe.num_experts=4"])):
         if not out.exists():
             proc = subprocess.run([sys.executable, str(REPO / "tests" / "stages" / "make_moe.py"),
                                    str(out), *SMALL, *extra], cwd=REPO, env=clean_env(),
@@ -148,15 +149,15 @@ def test_baselines_match_btx_data_and_compute(run_dir):
     assert budget == pytest.approx(120 * dense_per_step + finetune_flops)
 
     cli(run_dir, "baselines", "baselines.eval_interval=1000", "baselines.save_interval=1000")
-    base = run_dir / "baselines"
-    data = json.loads((base / "upcycle" / "data_matched" / "manifest.json").read_text())
-    compute = json.loads((base / "upcycle" / "compute_matched" / "manifest.json").read_text())
-    dense = json.loads((base / "dense" / "manifest.json").read_text())
+    base = RunDir(run_dir).baseline
+    data = json.loads((base("upcycle-data") / "manifest.json").read_text())
+    compute = json.loads((base("upcycle-compute") / "manifest.json").read_text())
+    dense = json.loads((base("dense") / "manifest.json").read_text())
     assert data["steps"] == 6                                   # = BTX finetune steps
     moe_per_step = compute["train_flops_per_token"] * tokens_per_step
     assert compute["steps"] == round(budget / moe_per_step)
     assert dense["steps"] == round(budget / dense_per_step)
     assert dense["steps"] > compute["steps"] > data["steps"]    # dense steps are cheapest
     spent = {e["stage"]: e["flops"] for e in read_ledger(run_dir)}
-    assert spent["baseline:upcycle_compute"] == pytest.approx(budget, rel=0.1)
-    assert spent["baseline:dense_compute"] == pytest.approx(budget, rel=0.05)
+    assert spent["baseline:upcycle-compute"] == pytest.approx(budget, rel=0.1)
+    assert spent["baseline:dense"] == pytest.approx(budget, rel=0.05)

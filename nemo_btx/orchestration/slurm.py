@@ -1,9 +1,10 @@
-"""The experiment as a chain of Slurm jobs: sbatch scripts rendered from `pipeline.plan`.
+"""The experiment as a chain of Slurm jobs: sbatch scripts rendered from `units.plan`.
 
 One job per stage of the plan, in its order; the stages with one unit per domain or model
 (experts, baselines, eval) are array jobs, one task per unit. Every task runs exactly the
-command `nemo-btx run` runs for its unit (`pipeline.command`), so stages still talk only
+command `nemo-btx run` runs for its unit (`units.command`), so stages still talk only
 through files, skip what is complete and resume from their last checkpoint.
+Nothing here imports torch: scripts are rendered on a login node.
 
 How a job starts its processes (documented in each script):
 - GPU cluster (cluster.gpus_per_node > 0): `srun` starts one task per node and each runs
@@ -13,8 +14,9 @@ How a job starts its processes (documented in each script):
 - CPU cluster (gpus_per_node = 0): one node, `torchrun --standalone` with the layout's process
   count when it is above one (the ep2 layout: 2), plain `python` otherwise; no GPU request.
 
-Dependencies: `--dependency=afterok` on the nearest parents that were submitted (PARENTS),
-with `--kill-on-invalid-dep=yes`, so a failed job cancels everything downstream of it.
+Dependencies: `--dependency=afterok` on the nearest parent stages that were submitted (the
+stage graph of the units' needs, `units.stage_parents`), with `--kill-on-invalid-dep=yes`, so a
+failed job cancels everything downstream of it.
 """
 
 from __future__ import annotations
@@ -28,20 +30,14 @@ from typing import Dict, List, Optional, Sequence
 
 from nemo_btx.config.schema import ExperimentConfig, ParallelConfig
 from nemo_btx.errors import ConfigError
-from nemo_btx.stages.pipeline import STAGES, Unit, command, nproc_of, plan
+from nemo_btx.orchestration.units import (
+    STAGES, Unit, command, layout_config, nproc_of, pending, plan, stage_parents)
+from nemo_btx.run_dir import RunDir
 
 #: Stages with one array task per unit.
 ARRAY_STAGES = ("experts", "baselines", "eval")
 #: Stages that need no GPU (on a GPU cluster they go to cluster.cpu_partition).
 CPU_STAGES = ("data", "branch", "report")
-#: Direct upstream stages of each stage. upcycle needs only the seed, so it runs beside the
-#: experts; the baselines' budgets come from BTX's ledger (experts and finetune).
-PARENTS: Dict[str, tuple] = {
-    "data": (), "seed": ("data",), "branch": ("seed",), "experts": ("branch",),
-    "mix": ("experts",), "finetune": ("mix",), "upcycle": ("seed",),
-    "baselines": ("finetune", "upcycle"), "eval": ("experts", "finetune", "baselines"),
-    "report": ("eval",),
-}
 SUBMIT_SCRIPT = "submit.sh"
 
 _TIME = re.compile(r"^((\d+-)?\d+(:\d+){0,2}|UNLIMITED|INFINITE)$")
@@ -158,11 +154,7 @@ def check_cluster(cfg: ExperimentConfig) -> None:
 
 def _parallel_of(cfg: ExperimentConfig, layout: Optional[str], overrides: Sequence[str],
                  config_name: str) -> ParallelConfig:
-    if layout is None:
-        return cfg.parallel
-    from nemo_btx.config import load_config
-
-    return load_config([*overrides, f"parallel={layout}"], config_name=config_name).parallel
+    return cfg.parallel if layout is None else layout_config(layout, overrides, config_name)
 
 
 def _resources(cfg: ExperimentConfig, stage: str, layout: Optional[str], overrides: Sequence[str],
@@ -210,6 +202,7 @@ def build_jobs(cfg: ExperimentConfig, overrides: Sequence[str] = (), config_name
     by_stage: Dict[str, List[Unit]] = {}
     for unit in units:
         by_stage.setdefault(unit.stage, []).append(unit)
+    todo = {id(u) for u in pending(units)}
     jobs: List[Job] = []
     for stage in STAGES:
         group = by_stage.get(stage)
@@ -226,7 +219,7 @@ def build_jobs(cfg: ExperimentConfig, overrides: Sequence[str] = (), config_name
             cpus_per_task=c.cpus_per_process * res["procs_per_node"],
             partition=c.partition if gpu or c.gpus_per_node == 0 else (c.cpu_partition or c.partition),
             time=time_of(cfg, stage),
-            todo=[i for i, u in enumerate(group) if not u.done()],
+            todo=[i for i, u in enumerate(group) if id(u) in todo],
             **res))
     # New results anywhere: the report is rebuilt (as `nemo-btx run` does).
     if any(j.todo for j in jobs[:-1]) and jobs[-1].stage == "report":
@@ -245,13 +238,14 @@ def time_of(cfg: ExperimentConfig, stage: str) -> str:
 
 def dependencies(jobs: List[Job], submitted: Sequence[str]) -> Dict[str, List[str]]:
     """For each submitted stage, the nearest submitted stages upstream of it."""
+    parents = stage_parents([u for j in jobs for u in j.units])
     chosen = set(submitted)
     memo: Dict[str, List[str]] = {}
 
     def nearest(stage: str) -> List[str]:
         if stage not in memo:
             out: List[str] = []
-            for parent in PARENTS[stage]:
+            for parent in parents.get(stage, ()):
                 for s in ([parent] if parent in chosen else nearest(parent)):
                     if s not in out:
                         out.append(s)
@@ -303,14 +297,14 @@ _RUNNER = r'''
 # Stop cleanly before the time limit: sbatch sends USR1 (--signal) to this script, which
 # creates the stop file; a training stage then saves a checkpoint and exits, and the job
 # requeues itself and resumes from that checkpoint. Every start/end goes to events.jsonl.
-STOP_FILE=$RUN_DIR/slurm/stop/$SLURM_JOB_ID
+STOP_FILE=$STOP_DIR/$SLURM_JOB_ID
 export NEMO_BTX_STOP_FILE=$STOP_FILE
-mkdir -p "$RUN_DIR/slurm/stop"
+mkdir -p "$STOP_DIR"
 rm -f "$STOP_FILE"
 event() {
   printf '{"unit": "%s", "job": "%s", "array_job": "%s", "task": "%s", "event": "%s", "rc": %s, "time": %s, "restart": %s, "host": "%s"}\n' \
     "$UNIT" "$SLURM_JOB_ID" "${SLURM_ARRAY_JOB_ID:-}" "${SLURM_ARRAY_TASK_ID:-}" "$1" "${2:-null}" \
-    "$(date +%s.%N)" "${SLURM_RESTART_COUNT:-0}" "$(hostname -s)" >> "$RUN_DIR/slurm/events.jsonl"
+    "$(date +%s.%N)" "${SLURM_RESTART_COUNT:-0}" "$(hostname -s)" >> "$EVENTS"
 }
 stopping=0
 on_usr1() { stopping=1; echo "nemo-btx: time limit near: $UNIT saves a checkpoint and stops"; touch "$STOP_FILE"; }
@@ -337,8 +331,8 @@ exit "$rc"
 
 def render_script(job: Job, cfg: ExperimentConfig, target: Target, has_parents: bool) -> str:
     c = cfg.cluster
-    rd = target.run_dir(cfg)
-    logs = os.path.join(rd, "slurm", "logs")
+    rd = RunDir(target.run_dir(cfg))
+    logs = rd.slurm_logs
     lines = ["#!/bin/bash"]
     what = {"experts": "one array task per domain", "baselines": "one array task per baseline",
             "eval": "one array task per model"}.get(job.stage)
@@ -376,7 +370,8 @@ def render_script(job: Job, cfg: ExperimentConfig, target: Target, has_parents: 
         sb.append("--kill-on-invalid-dep=yes")
     sb += list(c.sbatch_args)
     lines += [f"#SBATCH {opt}" for opt in sb]
-    lines += ["set -euo pipefail", "", f"RUN_DIR={_dq(rd)}", f"PYTHON={_dq(target.python)}",
+    lines += ["set -euo pipefail", "", f"RUN_DIR={_dq(rd.root)}", f"STOP_DIR={_dq(rd.slurm_stop)}",
+              f"EVENTS={_dq(rd.slurm_events)}", f"PYTHON={_dq(target.python)}",
               f"export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-{c.cpus_per_process}}}",
               "export PYTHONUNBUFFERED=1"]
     for item in c.env:
@@ -448,7 +443,7 @@ def _launch_lines(job: Job, cfg: ExperimentConfig) -> List[str]:
 
 def render_submit(jobs: List[Job], cfg: ExperimentConfig, target: Target, only_todo: bool) -> str:
     """submit.sh: sbatch every job (only those with units to do when `only_todo`), chained."""
-    rd = target.run_dir(cfg)
+    rd = RunDir(target.run_dir(cfg))
     chosen = [j for j in jobs if j.todo or not only_todo]
     deps = dependencies(jobs, [j.stage for j in chosen])
     lines = ["#!/bin/bash",
@@ -459,7 +454,7 @@ def render_submit(jobs: List[Job], cfg: ExperimentConfig, target: Target, only_t
              *([] if target.workdir else ["# Run it from the directory the jobs should run in (the repository)."]),
              "set -euo pipefail",
              'HERE=$(cd "$(dirname "$0")" && pwd)',
-             f"mkdir -p {_dq(os.path.join(rd, 'slurm', 'logs'))}",
+             f"mkdir -p {_dq(rd.slurm_logs)}",
              "submit() { sbatch --parsable \"$@\" | cut -d ';' -f 1; }"]
     for job in chosen:
         opts = []
@@ -478,9 +473,10 @@ def render_files(cfg: ExperimentConfig, target: Target, jobs: Optional[List[Job]
                  only_todo: bool = False) -> Dict[str, str]:
     """Every script of the chain by file name (the job scripts and submit.sh)."""
     jobs = jobs if jobs is not None else build_jobs(cfg, target.overrides, target.config_name)
+    parents = stage_parents([u for j in jobs for u in j.units])
     files = {}
     for job in jobs:
-        files[job.script] = render_script(job, cfg, target, has_parents=bool(PARENTS[job.stage]))
+        files[job.script] = render_script(job, cfg, target, has_parents=bool(parents.get(job.stage)))
     files[SUBMIT_SCRIPT] = render_submit(jobs, cfg, target, only_todo)
     return files
 
@@ -499,7 +495,7 @@ def example_files(name: str) -> Dict[str, str]:
     return render_files(cfg, target)
 
 
-if __name__ == "__main__":  # python -m nemo_btx.slurm.render: rewrite slurm/<example>/
+if __name__ == "__main__":  # python -m nemo_btx.orchestration.slurm: rewrite slurm/<example>/
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2] / "slurm"

@@ -1,0 +1,201 @@
+"""The experiment as a graph of units: one stage process each (a stage, or one item of it).
+
+`plan(cfg)` lists every unit in an order that respects its `needs` (the units whose outputs it
+reads). `nemo-btx run` runs them in that order (local.py); `nemo-btx launch` groups them into
+one Slurm job per stage and derives the jobs' dependencies from the same graph (slurm.py).
+A unit is complete when its completion marker (from nemo_btx/run_dir.py) exists, so both
+skip what is done and a killed unit is simply run again.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from nemo_btx.config.schema import ExperimentConfig
+from nemo_btx.errors import ConfigError
+from nemo_btx.run_dir import CHECKPOINT_MARKER, MANIFEST, REPORT_JSON, RunDir, baseline
+
+#: Stages in pipeline order (the names --from / --only take).
+STAGES = ("data", "seed", "branch", "experts", "mix", "finetune", "upcycle", "baselines", "eval",
+          "report")
+
+
+@dataclass
+class Unit:
+    """One process of the pipeline: a stage command, or one item of it (a domain, a model)."""
+
+    stage: str
+    item: Optional[str]
+    args: List[str]
+    """CLI arguments after the global overrides: the command and the unit's own overrides."""
+    outputs: List[Path]
+    """What the unit writes; --from/--only move these aside before redoing it."""
+    done: Callable[[], bool]
+    needs: Tuple[str, ...] = ()
+    """Names of the units whose outputs this one reads."""
+    layout: Optional[str] = None
+    """conf/parallel preset for this unit (run.layouts.<stage>)."""
+    nproc: int = 1
+    keep: Tuple[str, ...] = field(default=())
+    """Children of an output that a redo keeps (an expert keeps its branched seed)."""
+
+    @property
+    def name(self) -> str:
+        return self.stage if self.item is None else f"{self.stage}:{self.item}"
+
+
+def _marker(path: Path) -> Callable[[], bool]:
+    return lambda: path.is_file()
+
+
+def plan(cfg: ExperimentConfig) -> List[Unit]:
+    """Every unit of the experiment, each after the units it needs."""
+    rd = RunDir.of(cfg)
+    names = [d.name for d in cfg.data.domains]
+    layouts = cfg.run.layouts
+    experts = tuple(f"experts:{d}" for d in names)
+    units = [
+        Unit("data", None, ["data"], [rd.tokenizer, rd.data], _marker(rd.data / MANIFEST)),
+        Unit("seed", None, ["seed"], [rd.seed], _marker(rd.seed / MANIFEST), ("data",), layouts.seed),
+        Unit("branch", None, ["branch"], [rd.expert_init(d) for d in names],
+             lambda: all((rd.expert_init(d) / CHECKPOINT_MARKER).is_file() for d in names), ("seed",)),
+    ]
+    for d in names:
+        units.append(Unit("experts", d, ["train-expert", f"domain={d}"], [rd.expert(d)],
+                          _marker(rd.expert(d) / MANIFEST), ("branch",), layouts.experts,
+                          keep=(rd.expert_init(d).name,)))
+    units += [
+        Unit("mix", None, ["mix"], [rd.mixed], _marker(rd.mixed / MANIFEST), experts, layouts.mix),
+        Unit("finetune", None, ["finetune"], [rd.finetuned], _marker(rd.finetuned / MANIFEST), ("mix",),
+             layouts.finetune),
+    ]
+    which = list(cfg.baselines.which)
+    if any(baseline(b).moe for b in which):
+        units.append(Unit("upcycle", None, ["upcycle"], [rd.upcycled], _marker(rd.upcycled / MANIFEST),
+                          ("seed",), layouts.upcycle))
+    for name in which:
+        out = rd.baseline(name)
+        # Every baseline is matched to BTX's finetune (steps or FLOPs from the ledger).
+        needs = ("finetune", "upcycle") if baseline(name).moe else ("seed", "finetune")
+        units.append(Unit("baselines", name, ["baselines", f"baselines.which=[{name}]"], [out],
+                          _marker(out / MANIFEST), needs, layouts.baselines))
+    evals = []
+    for model in rd.models(names, which):
+        evals.append(Unit("eval", model.name, ["eval", f"eval.model={model.name}"], [rd.eval_dir(model.name)],
+                          _eval_done(cfg, model.name), model.needs, layouts.eval))
+    units += evals
+    units.append(Unit("report", None, ["report"], [rd.report], _marker(rd.report / REPORT_JSON),
+                      tuple(u.name for u in evals)))
+    _check_graph(units)
+    return units
+
+
+def _eval_done(cfg: ExperimentConfig, name: str) -> Callable[[], bool]:
+    def done() -> bool:
+        # Complete = results of the model's current checkpoint (not of a replaced one).
+        from nemo_btx.stages.evaluate import is_current
+
+        return is_current(cfg, name)
+    return done
+
+
+def _check_graph(units: List[Unit]) -> None:
+    seen = set()
+    for u in units:
+        missing = [n for n in u.needs if n not in seen]
+        assert not missing, f"unit {u.name} needs {missing}, which are not planned before it"
+        seen.add(u.name)
+
+
+def stage_parents(units: Sequence[Unit]) -> Dict[str, Tuple[str, ...]]:
+    """The stage-level graph of the units' needs (what one Slurm job per stage waits for), in
+    STAGES order, without a stage that another parent already depends on."""
+    stage_of = {u.name: u.stage for u in units}
+    direct: Dict[str, set] = {}
+    for u in units:
+        direct.setdefault(u.stage, set()).update(stage_of[n] for n in u.needs if stage_of[n] != u.stage)
+
+    def ancestors(stage: str) -> set:
+        out = set()
+        for p in direct.get(stage, ()):
+            out |= {p} | ancestors(p)
+        return out
+
+    reduced = {}
+    for stage, parents in direct.items():
+        implied = set().union(*(ancestors(p) for p in parents)) if parents else set()
+        reduced[stage] = tuple(s for s in STAGES if s in parents and s not in implied)
+    return reduced
+
+
+def pending(units: Sequence[Unit]) -> List[Unit]:
+    """Units to run: those not complete, and every evaluation (and the report) downstream of one
+    of them — an evaluation's results are of the checkpoint that existed when it ran, so a model
+    about to be (re)trained is evaluated again; its results are keyed by checkpoint identity,
+    so an unchanged one is skipped by the stage itself."""
+    out, names = [], set()
+    for u in units:
+        if not u.done() or (u.stage in ("eval", "report") and any(n in names for n in u.needs)):
+            out.append(u)
+            names.add(u.name)
+    return out
+
+
+def select(units: List[Unit], from_stage: Optional[str], only: Optional[str]) -> List[Unit]:
+    """The units to redo: `--from STAGE[:ITEM]` (it and everything after), `--only A,B:ITEM`."""
+    def matches(unit: Unit, spec: str) -> bool:
+        stage, _, item = spec.partition(":")
+        return unit.stage == stage and (not item or unit.item == item)
+
+    def check(spec: str, flag: str) -> None:
+        stage, _, item = spec.partition(":")
+        if stage not in STAGES:
+            raise ConfigError(flag, spec, f"must be a stage: {', '.join(STAGES)} (optionally STAGE:ITEM)")
+        if not any(matches(u, spec) for u in units):
+            items = [u.item for u in units if u.stage == stage and u.item]
+            raise ConfigError(flag, spec, f"no such item; {stage} has: {', '.join(items) or 'no items'}")
+
+    if from_stage and only:
+        raise ConfigError("--from", from_stage, "give --from or --only, not both")
+    if from_stage:
+        check(from_stage, "--from")
+        first = next(i for i, u in enumerate(units) if matches(u, from_stage))
+        return units[first:]
+    if only:
+        specs = [s for s in only.split(",") if s]
+        for s in specs:
+            check(s, "--only")
+        return [u for u in units if any(matches(u, s) for s in specs)]
+    return []
+
+
+def nproc_of(layout: Optional[str], overrides: Sequence[str], config_name: str) -> int:
+    """Processes a stage needs at its layout (the smallest world the layout fits)."""
+    if layout is None:
+        return 1
+    from nemo_btx.config.validate import min_world_size
+
+    p = layout_config(layout, overrides, config_name)
+    return p.world_size or min_world_size(p)
+
+
+def layout_config(layout: str, overrides: Sequence[str], config_name: str):
+    """The ParallelConfig of a conf/parallel preset, under the experiment's overrides."""
+    from nemo_btx.config import load_config
+
+    return load_config([*overrides, f"parallel={layout}"], config_name=config_name).parallel
+
+
+def command(unit: Unit, overrides: Sequence[str], config_name: str,
+            python: Optional[str] = None) -> List[str]:
+    """The command line a unit runs (what a cluster job script runs for it, too)."""
+    cli = ["-m", "nemo_btx.cli", "--config-name", config_name, *unit.args, *overrides]
+    if unit.layout:
+        cli.append(f"parallel={unit.layout}")
+    python = python or sys.executable
+    if unit.nproc > 1:
+        return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={unit.nproc}", *cli]
+    return [python, *cli]
