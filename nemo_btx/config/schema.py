@@ -3,7 +3,8 @@
 Hydra merges `conf/` YAML and `key=value` overrides into `ExperimentConfig`, so a key that is
 not a field here, or a value of the wrong type, fails before anything runs. Fields whose value
 must come from a fixed set carry `metadata={"choices": ...}`; `validate.py` checks them together
-with the cross-field rules (parallel layouts), because OmegaConf cannot express `Literal`.
+with every section's ranges, names and input paths and the cross-field rules (parallel layouts),
+because OmegaConf cannot express `Literal` or bounds.
 
 This module imports nothing heavy (no torch, no megatron), so configs load on a login node.
 """
@@ -12,6 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import List, Optional
+
+
+#: The embedded offline corpora (nemo_btx/data/corpora.py): `data.domains.*.source=builtin`.
+BUILTIN_CORPORA = ("code", "math", "wiki")
 
 
 def choice(default, *choices, doc: str = ""):
@@ -143,9 +148,9 @@ class DomainConfig:
     (one document per line, field `text_key`) or plain-text files (one document per file)."""
     text_key: str = "text"
     weight: float = 1.0
-    """Share of this domain in the general mixture (normalised over domains)."""
+    """Share of this domain in the general mixture (normalised over domains); > 0."""
     max_documents: Optional[int] = None
-    """Cap on documents read (null = all)."""
+    """Cap on documents read, >= 2: one to train on, one held out (null = all)."""
 
 
 @dataclass(kw_only=True)
@@ -189,11 +194,11 @@ class TrainStageConfig:
     warmup_iters: Optional[int] = None
     """null = train.warmup_iters."""
     eval_interval: int = 50
-    """Steps between validation passes on every domain (also run at the end)."""
+    """Steps between validation passes on every domain (also run at the end); >= 1."""
     save_interval: int = 50
-    """Steps between resumable checkpoints (also saved at the end)."""
+    """Steps between resumable checkpoints (also saved at the end); >= 1."""
     keep_checkpoints: int = 2
-    """Complete step checkpoints kept; older ones are deleted after a save."""
+    """Complete step checkpoints kept (>= 1); older ones are deleted after a save."""
 
 
 @dataclass(kw_only=True)
@@ -292,6 +297,7 @@ class FinetuneConfig(TrainStageConfig):
     are dropped); soft: every expert active; sample_top1: Gumbel-softmax sampling (not
     available: megatron-core's router has no sampling hook, see the README)."""
     switch_capacity_factor: float = 1.5
+    """routing=switch: expert capacity as a multiple of the even share of tokens (> 0)."""
     load_balancing: bool = True
     """The load-balancing loss alpha*N*sum(u_i p_i) with alpha = model.moe.aux_loss_coeff."""
     freeze_experts: bool = False
@@ -309,6 +315,7 @@ class BaselinesConfig(TrainStageConfig):
     <run.dir>/baselines/<name> and evaluated under the same name (nemo_btx/run_dir.py)."""
 
     which: List[str] = field(default_factory=lambda: ["upcycle-data", "upcycle-compute", "dense"])
+    """The baselines to train, each at most once (an empty list: none)."""
     upcycle: Optional[str] = None
     """The upcycled MoE checkpoint; null = <run.dir>/baselines/upcycled."""
 

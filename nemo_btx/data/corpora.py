@@ -42,13 +42,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, List, Optional
 
-from nemo_btx.config.schema import DataConfig, DomainConfig
+from nemo_btx.config.schema import BUILTIN_CORPORA, DataConfig, DomainConfig
 from nemo_btx.data import arithmetic
 from nemo_btx.errors import BtxError, ConfigError
 
 log = logging.getLogger(__name__)
 
-BUILTIN = ("code", "math", "wiki")
+BUILTIN = BUILTIN_CORPORA
 WIKI_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 #: The dump as gensim 4.4.0 ships it; another gensim may ship other text (the manifest records it).
 WIKI_DUMP_SHA256 = "a53f4648dec40467ebdcbc7a1307eddb51fe6e28e9309f6ebde81ba0d04bea2d"

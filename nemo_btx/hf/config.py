@@ -36,13 +36,45 @@ def read_config(directory: Path) -> dict:
     if not path.is_file():
         raise BtxError(f"{directory}: no config.json (not a Hugging Face model directory)")
     try:
-        return json.loads(path.read_text())
+        hf = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise BtxError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(hf, dict):
+        raise BtxError(f"{path}: not a Hugging Face config (a JSON object of settings), "
+                       f"but a JSON {type(hf).__name__}")
+    return hf
 
 
 def _refuse(where: str, key: str, value, why: str) -> None:
     raise UnsupportedModelError(f"{where}: {key}={value!r}: {why}")
+
+
+#: The config.json keys a Llama import cannot do without (the rest have Llama's defaults).
+REQUIRED = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+            "vocab_size")
+
+
+def _size(hf: dict, key: str, where: str, default=None) -> int:
+    """A positive integer setting of config.json; a missing required one names file and key."""
+    value = hf.get(key)
+    if value is None:
+        if default is not None:
+            return default
+        raise BtxError(f"{where}: missing key '{key}' (a Llama config.json needs "
+                       f"{', '.join(REQUIRED)})")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
+        raise BtxError(f"{where}: {key}={value!r}: must be a positive integer")
+    return int(value)
+
+
+def _number(hf: dict, key: str, where: str, default: float) -> float:
+    """A float setting of config.json (null or absent = `default`)."""
+    value = hf.get(key)
+    if value is None:
+        return float(default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BtxError(f"{where}: {key}={value!r}: must be a number")
+    return float(value)
 
 
 def rope_theta(hf: dict, where: str) -> float:
@@ -56,7 +88,9 @@ def rope_theta(hf: dict, where: str) -> float:
             _refuse(where, key, params, f"rope type {kind!r} is not supported (megatron-core "
                     "here computes plain RoPE; only rope_type 'default' imports exactly)")
     params = hf.get("rope_parameters") or {}
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    if params.get("rope_theta") is not None:
+        return _number(params, "rope_theta", f"{where} rope_parameters", 10000.0)
+    return _number(hf, "rope_theta", where, 10000.0)
 
 
 def model_config_from_llama(hf: dict, base: ModelConfig, *, where: str, name: str) -> ModelConfig:
@@ -81,31 +115,35 @@ def model_config_from_llama(hf: dict, base: ModelConfig, *, where: str, name: st
     theta = rope_theta(hf, where)
     if theta != int(theta):
         _refuse(where, "rope_theta", theta, "model.rotary_base is an integer")
-    heads = int(hf["num_attention_heads"])
-    hidden = int(hf["hidden_size"])
-    kv_heads = int(hf.get("num_key_value_heads") or heads)
+    heads = _size(hf, "num_attention_heads", where)
+    hidden = _size(hf, "hidden_size", where)
+    layers = _size(hf, "num_hidden_layers", where)
+    ffn = _size(hf, "intermediate_size", where)
+    vocab = _size(hf, "vocab_size", where)
+    kv_heads = _size(hf, "num_key_value_heads", where, default=heads)
     if heads % kv_heads:
         _refuse(where, "num_key_value_heads", kv_heads, f"must divide num_attention_heads={heads}")
-    head_dim = hf.get("head_dim") or hidden // heads
+    head_dim = _size(hf, "head_dim", where, default=hidden // heads or 1)
+    max_pos = _size(hf, "max_position_embeddings", where, default=0) or None
     return dataclasses.replace(
         base,
         name=name,
-        num_layers=int(hf["num_hidden_layers"]),
+        num_layers=layers,
         hidden_size=hidden,
-        ffn_hidden_size=int(hf["intermediate_size"]),
+        ffn_hidden_size=ffn,
         num_attention_heads=heads,
         num_query_groups=kv_heads if kv_heads != heads else None,
-        kv_channels=int(head_dim) if head_dim * heads != hidden else None,
-        vocab_size=int(hf["vocab_size"]),
-        max_position_embeddings=int(hf["max_position_embeddings"]) if hf.get("max_position_embeddings") else None,
+        kv_channels=head_dim if head_dim * heads != hidden else None,
+        vocab_size=vocab,
+        max_position_embeddings=max_pos,
         normalization="RMSNorm",
-        norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
+        norm_epsilon=_number(hf, "rms_norm_eps", where, 1e-6),
         activation="swiglu",
         position_embedding_type="rope",
         rotary_base=int(theta),
         untie_embeddings_and_output_weights=True,
-        init_method_std=float(hf.get("initializer_range", base.init_method_std)),
-        attention_dropout=float(hf.get("attention_dropout", 0.0) or 0.0),
+        init_method_std=_number(hf, "initializer_range", where, base.init_method_std),
+        attention_dropout=_number(hf, "attention_dropout", where, 0.0),
         moe=dataclasses.replace(base.moe, num_experts=None),
     )
 

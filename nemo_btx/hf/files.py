@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Sequence, Tuple
@@ -34,22 +33,12 @@ SINGLE = "model.safetensors"
 #: Tokenizer files copied along with a model (whichever exist).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model")
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 #: Bytes per element of every safetensors dtype code.
 ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2,
             "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "F64": 8, "I64": 8, "U64": 8}
 #: The dtypes model weights may be stored in here, by safetensors code -> torch/config.json name.
 FLOATS = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 _MAX_HEADER = 100 * 2**20
-
-
-def parse_size(text) -> int:
-    """'5GB' -> 5_000_000_000 (HF's decimal units; KiB/MiB/GiB are binary); a number is bytes."""
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(text))
-    if not m or m.group(2).upper() not in _UNITS:
-        raise ValueError(f"not a size: {text!r} (e.g. 5GB, 500MB, 1000000)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
 @dataclass(frozen=True)

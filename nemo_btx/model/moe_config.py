@@ -34,6 +34,9 @@ def routed_model(model: ModelConfig, cfg: ExperimentConfig) -> ModelConfig:
     if f.routing == "switch":
         # Switch: softmax over all experts, keep the top one with its probability as the gate
         # (softmax over a single chosen logit would always give 1 and no router gradient).
+        if not 0 < f.switch_capacity_factor < float("inf"):  # reported as the key the user set
+            raise ConfigError("finetune.switch_capacity_factor", f.switch_capacity_factor,
+                              "must be a finite number > 0")
         topk, capacity, pre_softmax = 1, f.switch_capacity_factor, True
     elif f.routing == "soft":
         topk = n

@@ -22,13 +22,13 @@ failed job cancels everything downstream of it.
 from __future__ import annotations
 
 import os
-import re
 import shlex
 import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 from nemo_btx.config.schema import ExperimentConfig, ParallelConfig
+from nemo_btx.config.validate import check_cluster
 from nemo_btx.errors import ConfigError
 from nemo_btx.orchestration.units import (
     STAGES, Unit, command, layout_config, nproc_of, pending, plan, stage_parents)
@@ -40,9 +40,6 @@ ARRAY_STAGES = ("experts", "baselines", "eval")
 CPU_STAGES = ("data", "branch", "report")
 SUBMIT_SCRIPT = "submit.sh"
 
-_TIME = re.compile(r"^((\d+-)?\d+(:\d+){0,2}|UNLIMITED|INFINITE)$")
-_WORD = re.compile(r"^[A-Za-z0-9_.,:@%+/=-]+$")
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 @dataclass
@@ -102,54 +99,6 @@ class Job:
                 f"({where}){ep}")
 
 
-# ------------------------------------------------------------------------------ checks
-
-def _check_word(key: str, value: Optional[str]) -> None:
-    if value is not None and not _WORD.match(str(value)):
-        raise ConfigError(key, value, "must be one word (letters, digits and _.,:@%+/=-)")
-
-
-def _check_time(key: str, value: str) -> None:
-    if not _TIME.match(str(value)):
-        raise ConfigError(key, value, "must be a Slurm time: minutes, hours:minutes:seconds or "
-                          "days-hours[:minutes[:seconds]] (e.g. 04:00:00, 2-00:00:00)")
-
-
-def check_cluster(cfg: ExperimentConfig) -> None:
-    """Every cluster.* value, one ConfigError naming the key (before anything is written)."""
-    c = cfg.cluster
-    if c.gpus_per_node < 0:
-        raise ConfigError("cluster.gpus_per_node", c.gpus_per_node, "must be >= 0 (0 = a CPU cluster)")
-    if c.nodes < 1:
-        raise ConfigError("cluster.nodes", c.nodes, "must be >= 1")
-    if c.gpus_per_node == 0 and c.nodes != 1:
-        raise ConfigError("cluster.nodes", c.nodes,
-                          "a CPU cluster (cluster.gpus_per_node=0) runs every job on one node")
-    for key in ("time", "eval_time", "cpu_time"):
-        if getattr(c, key) is not None:
-            _check_time(f"cluster.{key}", getattr(c, key))
-    if c.cpus_per_process < 1:
-        raise ConfigError("cluster.cpus_per_process", c.cpus_per_process, "must be >= 1")
-    if c.signal_seconds < 0:
-        raise ConfigError("cluster.signal_seconds", c.signal_seconds, "must be >= 0 (0 = no signal)")
-    if not 1024 <= c.rdzv_port <= 64535:
-        raise ConfigError("cluster.rdzv_port", c.rdzv_port, "must be between 1024 and 64535")
-    if c.array_parallelism is not None and c.array_parallelism < 1:
-        raise ConfigError("cluster.array_parallelism", c.array_parallelism, "must be >= 1, or null")
-    for key in ("partition", "cpu_partition", "account", "qos", "mem", "job_prefix"):
-        _check_word(f"cluster.{key}", getattr(c, key))
-    for i, item in enumerate(c.env):
-        name, eq, _ = str(item).partition("=")
-        if not eq or not _ENV_NAME.match(name):
-            raise ConfigError(f"cluster.env.{i}", item, "must be NAME=value with NAME an environment "
-                              "variable name")
-    for i, arg in enumerate(c.sbatch_args):
-        if not str(arg).startswith("-"):
-            raise ConfigError(f"cluster.sbatch_args.{i}", arg, "must be an sbatch option (--name=value)")
-    if c.python is not None and not c.python.strip():
-        raise ConfigError("cluster.python", c.python, "must name an interpreter, or be null")
-
-
 # ------------------------------------------------------------------------------ jobs
 
 def _parallel_of(cfg: ExperimentConfig, layout: Optional[str], overrides: Sequence[str],
@@ -196,7 +145,7 @@ def _resources(cfg: ExperimentConfig, stage: str, layout: Optional[str], overrid
 
 def build_jobs(cfg: ExperimentConfig, overrides: Sequence[str] = (), config_name: str = "config") -> List[Job]:
     """The jobs of the experiment, in pipeline order, with the units still to do marked."""
-    check_cluster(cfg)
+    check_cluster(cfg)  # also in validate(); build_jobs is called on its own by tests and tools
     c = cfg.cluster
     units = plan(cfg)
     by_stage: Dict[str, List[Unit]] = {}

@@ -56,7 +56,7 @@ def import_hf(cfg: ExperimentConfig) -> Path:
 def export_hf(cfg: ExperimentConfig) -> Path:
     """Write a checkpoint of the run (hf.model) or any checkpoint (hf.path) as a HF model."""
     from nemo_btx.hf.exporter import export_checkpoint
-    from nemo_btx.hf.files import parse_size
+    from nemo_btx.config.sizes import parse_size
     from nemo_btx.training.checkpoint import is_complete
 
     if cfg.hf.path:
