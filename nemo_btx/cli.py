@@ -117,6 +117,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         cfg = load_config(args.overrides, config_name=args.config_name)
         check_config(cfg)  # every section, before a stage module loads or reads a checkpoint
+        if args.command in ("run", "launch"):
+            # The whole experiment: its merge recipes and benchmark data are checked now,
+            # not after days of expert training.
+            from nemo_btx.orchestration.experiment import preflight
+
+            preflight(cfg)
         module_name, func = target.split(":")
         module = importlib.import_module(module_name)
         # A stage whose model comes from its input checkpoint (finetune) resolves it first,

@@ -46,6 +46,13 @@ class MoEConfig:
     """Use grouped GEMM experts (GPU with TE only)."""
 
 
+#: ModelConfig fields that decide tensor shapes: a checkpoint must agree with its config on all
+#: of them to load, and every source of a mix must share them.
+SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                "num_query_groups", "kv_channels", "vocab_size", "activation", "normalization",
+                "untie_embeddings_and_output_weights")
+
+
 @dataclass(kw_only=True)
 class ModelConfig:
     """A Llama-style decoder (RMSNorm, SwiGLU, RoPE) as megatron-core GPTModel builds it."""

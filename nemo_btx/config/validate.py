@@ -422,53 +422,21 @@ def check_stages(cfg: ExperimentConfig) -> None:
         _unique("job.domains", cfg.job.domains)
 
 
-def mix_sources(cfg: ExperimentConfig) -> int:
-    """Dense checkpoints the mix averages: the experts (mix.experts or one per domain), + seed."""
-    experts = len(cfg.mix.experts) if cfg.mix.experts is not None else len(cfg.data.domains)
-    return experts + (1 if cfg.mix.include_seed else 0)
-
-
 def check_mix(cfg: ExperimentConfig) -> None:
-    """The merge's settings that need no checkpoint (the rest: mixing/plan.py, hf/merge.py)."""
+    """The mix's inputs exist and its counts are positive. The merge rules themselves (sources,
+    expert table, weights, router init) are checked once, by the merge recipe
+    (nemo_btx/mixing/recipe.py), which the mix stages and `run`/`launch` build before anything
+    runs (cli.py)."""
     mix = cfg.mix
     if mix.experts is not None:
         if not mix.experts:
             raise ConfigError("mix.experts", [], "at least one checkpoint, or null for the run's experts")
         for i, path in enumerate(mix.experts):
             _stage_input(cfg, f"mix.experts.{i}", path)
-        seen = set()
-        for i, path in enumerate(mix.experts):
-            real = Path(path).expanduser().resolve()
-            if real in seen:
-                raise ConfigError(f"mix.experts.{i}", path, "is listed twice; every expert must be "
-                                  "a different checkpoint")
-            seen.add(real)
     _stage_input(cfg, "mix.seed_checkpoint", mix.seed_checkpoint)
-    n = mix_sources(cfg)
-    if n < 1:
-        raise ConfigError("mix.include_seed", mix.include_seed,
-                          "no sources: give experts or include the seed")
     _positive("mix.router_init_batches", mix.router_init_batches)
     _positive("mix.split_experts", mix.split_experts)
     _positive("mix.threads", mix.threads, null=True)
-    if mix.split_experts != 1 and mix.blended:
-        raise ConfigError("mix.blended", True, "split experts and blended experts are separate "
-                          "ablations; set mix.split_experts=1 or mix.blended=false")
-    if mix.router_init == "data" and mix.blended:
-        raise ConfigError("mix.router_init", "data", "blended experts mix every domain, so no "
-                          "expert has a domain of its own; use random or zeros")
-    if mix.router_init == "data" and mix.experts is not None and len(mix.experts) != len(cfg.data.domains):
-        raise ConfigError("mix.router_init", "data", "the experts' domains are unknown: give "
-                          "mix.experts in data.domains order (one per domain) or use random/zeros")
-    w = mix.average_weights
-    if w is not None:
-        if len(w) != n:
-            raise ConfigError("mix.average_weights", list(w),
-                              f"needs one weight per source ({n}: the experts, then the seed if "
-                              "mix.include_seed)")
-        if any(not math.isfinite(x) or x < 0 for x in w) or sum(w) <= 0:
-            raise ConfigError("mix.average_weights", list(w),
-                              "weights must be finite, >= 0, and not all zero")
 
 
 def check_finetune(cfg: ExperimentConfig) -> None:

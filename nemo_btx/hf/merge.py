@@ -1,16 +1,18 @@
 """Hugging Face Llama experts -> one MixtralForCausalLM directory, without torch.
 
-The same merge rules as the megatron-core mix (`nemo_btx/mixing`), applied to Hugging Face
-directories directly, for experts trained elsewhere:
+The merge recipe of the megatron-core mix (`nemo_btx/mixing/recipe.py`: sources, expert table,
+weights, top-k, router, input checks), applied to Hugging Face directories directly, for
+experts trained elsewhere. This module only maps Mixtral's tensor names onto the recipe's roles:
 
-* layer l of source i: `mlp.gate_proj` -> `block_sparse_moe.experts.i.w1`, `up_proj` -> `w3`,
-  `down_proj` -> `w2`, copied exactly;
-* every other tensor (embeddings, attention, norms, lm_head) is the (mix.average_weights
-  weighted) mean of the sources, accumulated in float32 in source order (x0*w0 + x1*w1 + ...,
-  the mixer's arithmetic) and rounded back to the stored dtype;
-* `block_sparse_moe.gate.weight` [experts, hidden] per layer: `random` = N(0, init std) drawn
-  per (train.seed, layer) exactly as the megatron mix draws it (`mixing/router_random.py`), or
-  `zeros`. `data`, split and blended experts are megatron-only and refused.
+* FFN: layer l of expert e (the whole FFN of source s = the recipe's expert table):
+  `mlp.gate_proj` -> `block_sparse_moe.experts.e.w1`, `up_proj` -> `w3`, `down_proj` -> `w2`,
+  copied exactly;
+* SHARED: every other tensor (embeddings, attention, norms, lm_head) is the recipe's weighted
+  mean (`Recipe.averaged`), accumulated in float32 in source order (x0*w0 + x1*w1 + ..., the
+  megatron mixer's arithmetic) and rounded back to the stored dtype;
+* ROUTER: `block_sparse_moe.gate.weight` [experts, hidden] per layer, `Recipe.router_weight`
+  (random: N(0, init std) per (train.seed, layer), as the megatron mix draws it; or zeros).
+  `data`, split and blended experts are megatron-only and refused.
 
 Why it is written this way (issue 9: within 1.5x the time it takes only to read the inputs
 and write the output):
@@ -60,13 +62,10 @@ from nemo_btx.hf import layout
 from nemo_btx.hf.config import LLAMA, mixtral_config, model_config_from_llama, read_config
 from nemo_btx.hf.files import (FLOATS, INDEX, ITEMSIZE, TOKENIZER_FILES, Entry, HFDir,
                                header_blob, numel, plan_shards, read_exactly, write_model_configs)
-from nemo_btx.mixing.router_random import random_router
+from nemo_btx.mixing import recipe as recipes
 
 log = logging.getLogger(__name__)
 
-#: What every source must agree on (ModelConfig fields, as import-hf derives them).
-_SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                 "num_query_groups", "kv_channels", "vocab_size")
 #: Mixtral expert tensor -> the Llama MLP tensor it is copied from.
 _EXPERT = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 #: Elements per piece of work: 1 MiB of float32, so a thread's buffers stay in its core's cache.
@@ -180,12 +179,14 @@ class _Read:
 
 @dataclasses.dataclass
 class _Piece:
-    """Elements of one output tensor: copied from one source, averaged over all, or given."""
+    """Elements of one output tensor: copied from one source, averaged, or given."""
 
     out_fd: int
     offset: int
     n: int
     reads: List[_Read]
+    weights: Optional[List[np.float32]] = None
+    """One per read: the terms of a SHARED mean; None = an FFN copy of the one read."""
     data: Optional[np.ndarray] = None
     """The bytes to write, when they are known beforehand (the router)."""
 
@@ -193,9 +194,8 @@ class _Piece:
 class _Merger:
     """Runs the pieces; one set of buffers per thread."""
 
-    def __init__(self, code: str, weights: Sequence[float]):
+    def __init__(self, code: str):
         self.code = code
-        self.weights = [np.float32(w) for w in weights]
         self.local = threading.local()
         self.failed = threading.Event()
         self.writeback = _writeback_hint()
@@ -231,7 +231,7 @@ class _Merger:
         b = self.buffers()
         if p.data is not None:
             data = p.data
-        elif len(p.reads) == 1:  # an expert's FFN: copied (converted if stored differently)
+        elif p.weights is None:  # an expert's FFN: copied (converted if stored differently)
             r = p.reads[0]
             data = self.read(r, p.n, b.raw)
             if nonfinite(data, r.entry.dtype, b.scratch):
@@ -243,7 +243,7 @@ class _Merger:
                                           f"holds values beyond the largest {self.code} number")
         else:  # averaged: x0*w0 + x1*w1 + ... in float32, source order
             acc = b.acc[: p.n]
-            for i, (r, w) in enumerate(zip(p.reads, self.weights)):
+            for i, (r, w) in enumerate(zip(p.reads, p.weights)):
                 x = to_float32(self.read(r, p.n, b.raw), r.entry.dtype, b.x[: p.n])
                 if i == 0:
                     np.multiply(x, w, out=acc)
@@ -326,56 +326,69 @@ def merge_llamas(experts: Sequence, out, *, base: Optional[ModelConfig] = None, 
                  max_shard_bytes: int = 5 * 10**9, threads: Optional[int] = None,
                  dtype: str = "auto", key: str = "mix.experts") -> dict:
     """Write the Mixtral made of `experts` (+ `seed_dir`, the last expert) at `out`; return a
-    summary. `weights` (one per source, normalised here) weight the averaged tensors. `dtype`:
-    of the written tensors (float32 | bfloat16 | float16), auto = the first expert's."""
+    summary. `weights` (one per source, normalised by the recipe) weight the averaged tensors.
+    `dtype`: of the written tensors (float32 | bfloat16 | float16), auto = the first expert's."""
     base = base or ModelConfig()
-    paths = [Path(p).expanduser().resolve() for p in experts]
+    _check_mixtral_settings(router_init=router_init)
+    sources = [recipes.Source(f"expert{i}", recipes.resolve(p), recipes.EXPERT)
+               for i, p in enumerate(experts)]
     if seed_dir is not None:
-        paths.append(Path(seed_dir).expanduser().resolve())
-    if not paths:
-        raise ConfigError(key, list(experts), "no sources: give Hugging Face Llama directories")
-    seen: Dict[Path, int] = {}
-    for i, p in enumerate(paths):
-        if p in seen:
-            raise ConfigError(key, [str(x) for x in paths], f"{p} is used twice (sources {seen[p]} "
-                              f"and {i}); every expert must be a different model")
-        seen[p] = i
-    out = Path(out).expanduser().resolve()
-    if out.exists() or out.is_symlink():
-        raise ConfigError("mix.out", str(out), "already exists; remove it or choose another "
-                          "mix.out (nothing was written)")
-    if out in seen or any(out in p.parents for p in paths):
-        raise ConfigError("mix.out", str(out), "would overwrite a source")
+        sources.append(recipes.Source("seed", recipes.resolve(seed_dir), recipes.SEED))
+    recipe = recipes.build_mix(sources, out=out, average_weights=weights, router_init=router_init,
+                               router_seed=seed, key=key,
+                               router_topk=base.moe.router_topk if topk is None else topk)
+    return write_mixtral(recipe, base=base, aux_loss_coeff=aux_loss_coeff,
+                         max_shard_bytes=max_shard_bytes, threads=threads, dtype=dtype)
+
+
+def _check_mixtral_settings(*, router_init: str, split_experts: int = 1, blended: bool = False) -> None:
+    """What the recipe allows but a Mixtral cannot hold (or this writer cannot compute)."""
+    if split_experts != 1:
+        raise ConfigError("mix.split_experts", split_experts, "split experts have no Mixtral "
+                          "form here; writing Mixtral needs mix.split_experts=1")
+    if blended:
+        raise ConfigError("mix.blended", True, "blended experts are megatron-only; writing "
+                          "Mixtral needs mix.blended=false")
     if router_init not in ("random", "zeros"):
         raise ConfigError("mix.router_init", router_init, "writing Mixtral from Hugging Face "
                           "experts supports random or zeros (data needs the megatron mix)")
+
+
+def _role(piece: layout.Piece) -> str:
+    """The recipe role of a Mixtral tensor."""
+    if piece.key in (layout.EXPERT_FC1, layout.EXPERT_FC2):
+        return recipes.FFN
+    if piece.key == layout.ROUTER:
+        return recipes.ROUTER
+    return recipes.SHARED
+
+
+def write_mixtral(recipe: recipes.Recipe, *, base: ModelConfig, aux_loss_coeff: Optional[float] = None,
+                  max_shard_bytes: int = 5 * 10**9, threads: Optional[int] = None,
+                  dtype: str = "auto") -> dict:
+    """Write the Mixtral `recipe` describes at `recipe.out` (the sources are Hugging Face Llama
+    directories); return a summary. `base`: the config's model (MoE settings, init std)."""
+    out = recipe.out
+    if out.exists() or out.is_symlink():
+        raise ConfigError("mix.out", str(out), "already exists; remove it or choose another "
+                          "mix.out (nothing was written)")
+    recipes.check_out(out, recipe.sources)
+    _check_mixtral_settings(router_init=recipe.router_init)
+    expert_source = recipe.whole_ffn_sources()
+    assert expert_source is not None, "split/blended experts are refused before"
     threads = default_threads() if threads is None else threads
     if not isinstance(threads, int) or threads < 1:
         raise ConfigError("mix.threads", threads, "must be a whole number >= 1 (or null: one per CPU)")
-    n = len(paths)
-    if weights is None:
-        w = [1.0 / n] * n
-    else:
-        if len(weights) != n or any(not (x >= 0) or x == float("inf") for x in weights) or sum(weights) <= 0:
-            raise ConfigError("mix.average_weights", list(weights),
-                              f"needs {n} finite weights >= 0, not all zero (experts, then the seed)")
-        w = [float(x) / float(sum(weights)) for x in weights]
-    topk = base.moe.router_topk if topk is None else topk
-    if not 1 <= topk <= n:
-        raise ConfigError("model.moe.router_topk", topk, f"must be between 1 and the {n} experts")
 
-    sources = [_open(p, base, key) for p in paths]
+    sources = [_open(s.path, base, "mix.seed_checkpoint" if s.role == recipes.SEED else "mix.experts")
+               for s in recipe.sources]
     first = sources[0]
-    for src in sources[1:]:
-        for f in _SHAPE_FIELDS:
-            a, b = getattr(first.model, f), getattr(src.model, f)
-            if a != b:
-                raise CheckpointError(f"{src.path}: {f}={b}, but {first.path} has {a}; all "
-                                      "experts must have the same architecture")
+    recipes.check_architecture((str(first.path), dataclasses.asdict(first.model)),
+                               [(str(src.path), dataclasses.asdict(src.model)) for src in sources[1:]])
     dense = dataclasses.replace(first.model, name="mixtral")
-    moe = dataclasses.replace(dense, moe=dataclasses.replace(
-        base.moe, num_experts=n, router_topk=topk,
-        aux_loss_coeff=base.moe.aux_loss_coeff if aux_loss_coeff is None else aux_loss_coeff))
+    moe = recipe.moe_model(dense)
+    if aux_loss_coeff is not None:
+        moe = dataclasses.replace(moe, moe=dataclasses.replace(moe.moe, aux_loss_coeff=aux_loss_coeff))
     if dtype == "auto":
         code = first.files.code("model.embed_tokens.weight")
     elif dtype in FLOATS.values():
@@ -385,19 +398,25 @@ def merge_llamas(experts: Sequence, out, *, base: Optional[ModelConfig] = None, 
     dtype_name = FLOATS[code]
     pieces = layout.pieces(moe)
     shards = plan_shards(((p.name, ITEMSIZE[code] * numel(p.shape)) for p in pieces), max_shard_bytes)
+    by_name = {p.name: p for p in pieces}
     shape = {p.name: p.shape for p in pieces}
+    averaged = [(sources[s], np.float32(w)) for s, w in recipe.averaged]
 
-    def sources_of(name: str) -> List[Tuple[_Source, str]]:
-        """(source, its tensor) that output tensor `name` is made of; [] for the router."""
-        parts = name.split(".")
-        if ".block_sparse_moe.experts." in name:  # model.layers.L.block_sparse_moe.experts.E.wK.weight
-            return [(sources[int(parts[5])], f"model.layers.{parts[2]}.mlp.{_EXPERT[parts[6]]}.weight")]
-        if name.endswith("block_sparse_moe.gate.weight"):
+    def sources_of(name: str) -> List[Tuple[_Source, str, Optional[np.float32]]]:
+        """(source, its tensor, weight: None = copied) that output tensor `name` is made of;
+        [] for the router."""
+        piece = by_name[name]
+        role = _role(piece)
+        if role == recipes.FFN:  # model.layers.L.block_sparse_moe.experts.E.wK.weight
+            layer, expert = piece.lead
+            llama = f"model.layers.{layer}.mlp.{_EXPERT[name.split('.')[6]]}.weight"
+            return [(sources[expert_source[expert]], llama, None)]
+        if role == recipes.ROUTER:
             return []
-        return [(src, src.name_of(name)) for src in sources]
+        return [(src, src.name_of(name), w) for src, w in averaged]
 
     for name in shape:  # every dtype is known to be a float before anything is written
-        for src, tensor in sources_of(name):
+        for src, tensor, _ in sources_of(name):
             src.files.code(tensor)
 
     started = time.perf_counter()
@@ -420,9 +439,9 @@ def merge_llamas(experts: Sequence, out, *, base: Optional[ModelConfig] = None, 
                     weight_map[name] = file
                     offset, nbytes = spans[name]
                     total += nbytes
-                    work += _pieces_of(name, fd, offset, numel(shape[name]), sources_of(name),
-                                       fds, router_init, seed, moe, code)
-            _Merger(code, w).run(work, threads)
+                    work += _pieces_of(by_name[name], fd, offset, sources_of(name), fds,
+                                       recipe, moe, code)
+            _Merger(code).run(work, threads)
             for i, fd in enumerate(out_fds):
                 os.fsync(fd)
                 log.info("mix: shard %d/%d written", i + 1, len(shards))
@@ -433,54 +452,53 @@ def merge_llamas(experts: Sequence, out, *, base: Optional[ModelConfig] = None, 
                 if (first.path / f).is_file():
                     shutil.copyfile(first.path / f, tmp / f)
             write_model_configs(tmp, mixtral_config(moe, dtype=dtype_name, tokens=tokens), tokens)
-            summary = {"stage": "mix", "format": "mixtral", "sources": [str(p) for p in paths],
-                       "weights": w, "router_init": router_init, "router_seed": seed,
-                       "num_experts": n, "router_topk": topk, "dtype": dtype_name,
-                       "tensors": len(pieces), "shards": len(shards), "bytes": total,
-                       "threads": threads}
+            summary = {"stage": recipe.kind, "format": "mixtral",
+                       "sources": [str(s.path) for s in recipe.sources],
+                       "weights": list(recipe.weights), "router_init": recipe.router_init,
+                       "router_seed": recipe.router_seed, "num_experts": recipe.num_experts,
+                       "router_topk": recipe.router_topk,
+                       "experts": recipe.describe_experts(dense.ffn_hidden_size),
+                       "dtype": dtype_name, "tensors": len(pieces), "shards": len(shards),
+                       "bytes": total, "threads": threads}
             (tmp / "btx_mix.json").write_text(json.dumps(summary, indent=2) + "\n")
     finally:
         for fd in [*fds.values(), *out_fds]:
             os.close(fd)
     log.info("mix: %d Hugging Face experts -> %s (MixtralForCausalLM, %d experts top-%d, "
-             "%.1f MB, %s) in %.2f s", n, out, n, topk, summary["bytes"] / 1e6, dtype_name,
-             time.perf_counter() - started)
+             "%.1f MB, %s) in %.2f s", len(sources), out, recipe.num_experts, recipe.router_topk,
+             summary["bytes"] / 1e6, dtype_name, time.perf_counter() - started)
     return summary
 
 
-def _pieces_of(name: str, fd: int, offset: int, count: int, reads_from, fds, router_init: str,
-               seed: int, moe: ModelConfig, code: str) -> List[_Piece]:
-    """Output tensor `name` (at `offset` of file `fd`) as pieces of at most _CHUNK elements."""
+def _pieces_of(piece: layout.Piece, fd: int, offset: int, reads_from, fds,
+               recipe: recipes.Recipe, moe: ModelConfig, code: str) -> List[_Piece]:
+    """Output tensor `piece` (at `offset` of file `fd`) as pieces of at most _CHUNK elements."""
     size = ITEMSIZE[code]
-    if not reads_from:  # the router of layer L: small, made here
-        n_exp, hidden = moe.moe.num_experts, moe.hidden_size
-        if router_init == "zeros":
-            data = np.zeros(count * size, np.uint8)
-        else:
-            g = random_router(seed, int(name.split(".")[2]), n_exp, hidden, moe.init_method_std)
-            data = from_float32(g.reshape(-1), code, np.empty(4 * count, np.uint8),
-                                np.empty(count, np.uint32)).copy()
-        return [_Piece(fd, offset, count, [], data)]
+    count = numel(piece.shape)
+    if not reads_from:  # the router of a layer: small, made here
+        (layer,) = piece.lead
+        g = recipe.router_weight(layer, moe.hidden_size, moe.init_method_std)
+        data = from_float32(g.reshape(-1), code, np.empty(4 * count, np.uint8),
+                            np.empty(count, np.uint32)).copy()
+        return [_Piece(fd, offset, count, [], data=data)]
+    weights = None if reads_from[0][2] is None else [w for _, _, w in reads_from]
     out = []
     for first in range(0, count, _CHUNK):
         n = min(_CHUNK, count - first)
         reads = []
-        for src, tensor in reads_from:
+        for src, tensor, _ in reads_from:
             path, entry = src.files.locate(tensor)
             reads.append(_Read(fds[path], path, tensor, entry, first))
-        out.append(_Piece(fd, offset + first * size, n, reads))
+        out.append(_Piece(fd, offset + first * size, n, reads, weights))
     return out
 
 
 def merge_from_config(cfg: ExperimentConfig) -> dict:
-    """`nemo-btx mix` with Hugging Face experts / mix.format=mixtral."""
+    """`nemo-btx mix` with Hugging Face experts / mix.format=mixtral: the config's recipe
+    (`recipe.mix_recipe`), written as a Mixtral."""
     mix = cfg.mix
-    if mix.split_experts != 1:
-        raise ConfigError("mix.split_experts", mix.split_experts, "split experts have no Mixtral "
-                          "form here; writing Mixtral needs mix.split_experts=1")
-    if mix.blended:
-        raise ConfigError("mix.blended", True, "blended experts are megatron-only; writing "
-                          "Mixtral needs mix.blended=false")
+    _check_mixtral_settings(router_init=mix.router_init, split_experts=mix.split_experts,
+                            blended=mix.blended)
     if not mix.experts:
         raise ConfigError("mix.experts", mix.experts, "mix.format=mixtral needs the Hugging Face "
                           "Llama expert directories in mix.experts")
@@ -492,25 +510,17 @@ def merge_from_config(cfg: ExperimentConfig) -> dict:
                               "mix.format=megatron and export-hf)")
     if mix.out is None:
         raise ConfigError("mix.out", None, "writing Mixtral needs an output directory: set mix.out")
-    seed_dir = None
-    if mix.include_seed:
-        seed_dir = mix.seed_checkpoint or str(Path(cfg.run.dir) / "seed" / "weights")
-        if not is_hf_llama(seed_dir):
-            raise ConfigError("mix.include_seed", True, f"the seed {seed_dir} is not a Hugging "
-                              "Face Llama directory: set mix.seed_checkpoint to one, or "
-                              "mix.include_seed=false")
-    want = cfg.model.moe.num_experts
-    n = len(mix.experts) + (1 if seed_dir else 0)
-    if want is not None and want != n:
-        raise ConfigError("model.moe.num_experts", want, f"mix builds {n} experts; leave it null "
-                          f"or set it to {n}")
-    from nemo_btx.hf.files import parse_size
+    recipe = recipes.mix_recipe(cfg)
+    seed = [s for s in recipe.sources if s.role == recipes.SEED]
+    if seed and not is_hf_llama(seed[0].path):
+        raise ConfigError("mix.include_seed", True, f"the seed {seed[0].path} is not a Hugging "
+                          "Face Llama directory: set mix.seed_checkpoint to one, or "
+                          "mix.include_seed=false")
+    from nemo_btx.config.sizes import parse_size
 
     try:
         max_bytes = parse_size(cfg.hf.max_shard_size)
     except ValueError as err:
         raise ConfigError("hf.max_shard_size", cfg.hf.max_shard_size, str(err)) from None
-    return merge_llamas(mix.experts, mix.out, base=cfg.model, seed_dir=seed_dir,
-                        weights=mix.average_weights, router_init=mix.router_init,
-                        seed=cfg.train.seed, threads=mix.threads, max_shard_bytes=max_bytes,
-                        dtype=cfg.hf.dtype)
+    return write_mixtral(recipe, base=cfg.model, threads=mix.threads, max_shard_bytes=max_bytes,
+                         dtype=cfg.hf.dtype)

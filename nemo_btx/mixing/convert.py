@@ -42,6 +42,7 @@ import torch
 
 from nemo_btx.errors import BtxError, CheckpointError
 from nemo_btx.mixing.plan import MixPlan
+from nemo_btx.mixing.recipe import FFN, ROUTER, SHARED
 from nemo_btx.mixing.router import BatchesFor, hidden_state_means, init_router
 from nemo_btx.mixing.shards import (
     OutShard, add_average_reads, add_expert_reads, allocate, assign_owners, target_shards)
@@ -82,12 +83,12 @@ def _plan_reads(plan: MixPlan, shards: List[OutShard], readers: List[SliceReader
     for shard in shards:
         if shard.owner != rank:
             continue
-        if shard.kind == "expert":
+        if shard.kind == FFN:
             add_expert_reads(shard, readers, plan.layout, plan.dense_model.ffn_hidden_size, glu)
             continue
         shard.data = allocate(shard, accumulate)
-        if shard.kind == "average":
-            add_average_reads(shard, shard.data, readers, plan.weights)
+        if shard.kind == SHARED:
+            add_average_reads(shard, shard.data, readers, plan.recipe.averaged)
 
 
 def mix_checkpoint(cfg, plan: MixPlan, *, batches_for: Optional[BatchesFor] = None,
@@ -122,7 +123,7 @@ def mix_checkpoint(cfg, plan: MixPlan, *, batches_for: Optional[BatchesFor] = No
     times["plan"] = time.perf_counter() - t0
 
     means = {}
-    if plan.router_init == "data":
+    if plan.recipe.router_init == "data":
         if batches_for is None:
             raise CheckpointError("router_init=data needs token batches per source (batches_for)")
         t = time.perf_counter()
@@ -143,13 +144,11 @@ def mix_checkpoint(cfg, plan: MixPlan, *, batches_for: Optional[BatchesFor] = No
     agree(errors)
     times["read"] = time.perf_counter() - t
 
-    expert_source = [expert[0].source for expert in plan.layout]
     m = plan.moe_model
     for shard in shards:
-        if shard.owner == rank and shard.kind == "router":
-            init_router(plan.router_init, shard.data, shard.region, num_experts=plan.num_experts,
-                        hidden=m.hidden_size, std=m.init_method_std, seed=plan.router_seed,
-                        expert_source=expert_source, means=means)
+        if shard.owner == rank and shard.kind == ROUTER:
+            init_router(plan.recipe, shard.data, shard.region, hidden=m.hidden_size,
+                        std=m.init_method_std, means=means)
         if shard.data is not None and shard.data.dtype != shard.sh.dtype:
             shard.data = shard.data.to(shard.sh.dtype)  # fp32 accumulator -> bf16 weights
 

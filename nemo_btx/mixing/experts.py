@@ -1,10 +1,13 @@
-"""Which source FFN units make up each MoE expert: the one place mix variants differ.
+"""The expert table: which source FFN units make up each MoE expert (no torch).
 
-An MoE expert is described as a list of `Segment`s, contiguous ranges of a dense source's
-FFN units (a unit = one row of the SwiGLU gate, the same row of the up projection, and the same
-column of fc2). Every variant (BTX, split experts, blended experts, sparse upcycling) is only a
-different list; the converter that reads slices and writes the MoE knows nothing else. That
-keeps `mix` and `upcycle` one mechanism, and makes each variant testable without torch.
+The table is part of the merge recipe (`recipe.py`) and is decided from the config alone: each
+expert is a tuple of `Chunk`s, "chunk c of the C equal chunks of source s's FFN". Once the FFN
+width F is known (the config for the megatron mix, the sources' config.json for the Hugging
+Face merge), `segments` turns it into `Segment`s, contiguous ranges of FFN units (a unit = one
+row of the SwiGLU gate, the same row of the up projection, and the same column of fc2). Every
+variant (BTX, split experts, blended experts, sparse upcycling) is only a different table;
+the writers that read slices and write the MoE know nothing else. That keeps `mix`, `upcycle`
+and the Mixtral merge one mechanism, and makes each variant testable without torch.
 
 Ablations of the BTX paper (Sukhbaatar et al., 2024), as implemented here:
 
@@ -30,14 +33,55 @@ Ablations of the BTX paper (Sukhbaatar et al., 2024), as implemented here:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
+from typing import Iterator, List, Tuple
 
 from nemo_btx.errors import ConfigError
 
 
 @dataclass(frozen=True)
+class Chunk:
+    """Chunk `index` of the `count` equal chunks of source `source`'s FFN (an index into the
+    recipe's sources); count 1 = the whole FFN."""
+
+    source: int
+    index: int = 0
+    count: int = 1
+
+
+ExpertTable = Tuple[Tuple[Chunk, ...], ...]
+"""One tuple of chunks per MoE expert, in expert order; the chunks are concatenated."""
+
+
+def standard(num_sources: int) -> ExpertTable:
+    """BTX: expert i is source i's whole FFN."""
+    return tuple((Chunk(s),) for s in range(num_sources))
+
+
+def split(num_sources: int, chunks: int) -> ExpertTable:
+    """Split experts: expert s*C + c is chunk c of source s."""
+    if not isinstance(chunks, int) or chunks < 1:
+        raise ConfigError("mix.split_experts", chunks, "must be an integer >= 1")
+    return tuple((Chunk(s, c, chunks),) for s in range(num_sources) for c in range(chunks))
+
+
+def blended(num_sources: int) -> ExpertTable:
+    """Blended experts: expert j = chunk (j + s) mod N of every source s, in source order."""
+    if num_sources < 2:
+        raise ConfigError("mix.blended", True, "blending needs at least two sources")
+    return tuple(tuple(Chunk(s, (j + s) % num_sources, num_sources) for s in range(num_sources))
+                 for j in range(num_sources))
+
+
+def upcycle(num_experts: int) -> ExpertTable:
+    """Sparse upcycling: every expert is a copy of source 0's FFN."""
+    if not isinstance(num_experts, int) or num_experts < 1:
+        raise ConfigError("model.moe.num_experts", num_experts, "must be an integer >= 1")
+    return tuple((Chunk(0),) for _ in range(num_experts))
+
+
+@dataclass(frozen=True)
 class Segment:
-    """FFN units [start, start + length) of source `source` (an index into the plan's sources)."""
+    """FFN units [start, start + length) of source `source` (an index into the recipe's sources)."""
 
     source: int
     start: int
@@ -48,41 +92,18 @@ ExpertLayout = List[List[Segment]]
 """One list of segments per MoE expert, in expert order; segments are concatenated."""
 
 
-def standard(num_sources: int, ffn: int) -> ExpertLayout:
-    """BTX: expert i is source i's whole FFN."""
-    return [[Segment(s, 0, ffn)] for s in range(num_sources)]
-
-
-def split(num_sources: int, ffn: int, chunks: int) -> ExpertLayout:
-    """Split experts: expert s*C + c is chunk c of source s."""
-    if chunks < 1:
-        raise ConfigError("mix.split_experts", chunks, "must be an integer >= 1")
-    if ffn % chunks:
-        raise ConfigError("mix.split_experts", chunks,
-                          f"must divide model.ffn_hidden_size={ffn} (each expert FFN is cut into "
-                          "equal chunks)")
-    width = ffn // chunks
-    return [[Segment(s, c * width, width)] for s in range(num_sources) for c in range(chunks)]
-
-
-def blended(num_sources: int, ffn: int) -> ExpertLayout:
-    """Blended experts: expert j = chunk (j + s) mod N of every source s, in source order."""
-    if num_sources < 2:
-        raise ConfigError("mix.blended", True, "blending needs at least two sources")
-    if ffn % num_sources:
-        raise ConfigError("mix.blended", True,
-                          f"the number of sources ({num_sources}) must divide "
-                          f"model.ffn_hidden_size={ffn}")
-    width = ffn // num_sources
-    return [[Segment(s, ((j + s) % num_sources) * width, width) for s in range(num_sources)]
-            for j in range(num_sources)]
-
-
-def upcycle(num_experts: int, ffn: int) -> ExpertLayout:
-    """Sparse upcycling: every expert is a copy of source 0's FFN."""
-    if num_experts < 1:
-        raise ConfigError("model.moe.num_experts", num_experts, "must be an integer >= 1")
-    return [[Segment(0, 0, ffn)] for _ in range(num_experts)]
+def segments(table: ExpertTable, ffn: int) -> ExpertLayout:
+    """The table in FFN units of sources `ffn` units wide (every chunk count divides `ffn`:
+    the recipe checks that first, naming the setting)."""
+    out = []
+    for expert in table:
+        segs = []
+        for c in expert:
+            assert ffn % c.count == 0, (ffn, c)
+            width = ffn // c.count
+            segs.append(Segment(c.source, c.index * width, width))
+        out.append(segs)
+    return out
 
 
 def expert_ffn_size(layout: ExpertLayout) -> int:
@@ -92,7 +113,7 @@ def expert_ffn_size(layout: ExpertLayout) -> int:
     return widths.pop()
 
 
-def pieces(expert: List[Segment], start: int, length: int):
+def pieces(expert: List[Segment], start: int, length: int) -> Iterator[Tuple[int, int, int, int]]:
     """Map expert FFN units [start, start+length) onto its segments.
 
     Yields (source, source_unit, expert_unit, n): units source_unit.. of `source` fill expert

@@ -1,19 +1,20 @@
 """Router initialisation: random (the paper), zeros, or from each expert's data.
 
 * `random`: N(0, model.init_method_std), megatron's own router init. The values are drawn per
-  layer from a generator seeded by (train.seed, layer) (`router_random.py`, shared with the
-  Hugging Face merge), never from the process's RNG, so the router does not depend on the
+  layer from a generator seeded by (train.seed, layer) (`Recipe.router_weight`, shared with
+  the Hugging Face merge), never from the process's RNG, so the router does not depend on the
   layout or on which rank writes it (the EP=1 and EP=2 mixes are bitwise equal).
-* `zeros`: every expert gets the same score; top-k then falls back on index order until the
-  finetune breaks the tie (the aux loss and the LM loss both have non-zero router gradients).
+* `zeros` (also `Recipe.router_weight`): every expert gets the same score; top-k then falls
+  back on index order until the finetune breaks the tie (the aux loss and the LM loss both
+  have non-zero router gradients).
 * `data`: like mergekit's hidden-state gates. Row e of layer l is the unit-norm mean of what
   layer l's router will see (the pre-MLP norm's output) when expert e's own dense model reads
   a few held-out batches of its own domain (the seed: of every domain). Tokens that look like
   a domain's data then score highest for that domain's expert from the first step. Computing
   it runs each source model forward once at the target TP/PP layout, so it briefly holds one
   dense source's TP/PP shard per rank on top of the converter's usual memory.
-Split experts share their source's row; blended experts have no domain, so `data` is refused
-for them (and for upcycling) when the plan is made.
+Split experts share their source's row (`Recipe.expert_sources`); blended experts have no
+domain, so `data` is refused for them (and for upcycling) by the recipe.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Callable, Dict, List
 
 import torch
 
-from nemo_btx.mixing.router_random import random_router
+from nemo_btx.mixing.recipe import Recipe
 from nemo_btx.mixing.sources import MixSource
 
 log = logging.getLogger(__name__)
@@ -34,19 +35,17 @@ log = logging.getLogger(__name__)
 BatchesFor = Callable[[MixSource], List[torch.Tensor]]
 
 
-def init_router(kind: str, buf: torch.Tensor, region, *, num_experts: int, hidden: int,
-                std: float, seed: int, expert_source: List[int],
+def init_router(recipe: Recipe, buf: torch.Tensor, region, *, hidden: int, std: float,
                 means: Dict[int, Dict[int, torch.Tensor]]) -> None:
-    """Fill this rank's slice `buf` of router.weight (global [layers, experts, hidden])."""
+    """Fill this rank's slice `buf` of router.weight (global [layers, experts, hidden]);
+    `means[source][layer]`: the sources' mean hidden states (router_init=data only)."""
     (layer, _), rest = region[0], region[1:]
-    if kind == "zeros":
-        full = torch.zeros(num_experts, hidden)
-    elif kind == "random":
-        full = torch.from_numpy(random_router(seed, layer, num_experts, hidden, std))
-    elif kind == "data":
-        full = torch.stack([_unit(means[src][layer]) for src in expert_source])
-    else:  # validate.check_choices rejects anything else earlier
-        raise AssertionError(kind)
+    drawn = recipe.router_weight(layer, hidden, std)
+    if drawn is not None:
+        full = torch.from_numpy(drawn)
+    else:
+        assert recipe.router_init == "data", recipe.router_init
+        full = torch.stack([_unit(means[src][layer]) for src in recipe.expert_sources])
     index = tuple(slice(s, s + n) for s, n in rest)
     buf.copy_(full[index])
 

@@ -1,10 +1,11 @@
 """The random router draw (mix.router_init=random), without torch.
 
-Both writers of a mixed model draw it here: the megatron-core mix (`router.py`) and the
-Hugging Face merge (`nemo_btx/hf/merge.py`), which never imports torch (importing it costs
-about a second, more than that whole merge of four 271M models), so both give the same router
-for the same train.seed, bit for bit. numpy's Generator, seeded by (seed, layer) through a
-SeedSequence, gives every layer its own stream whatever the layout that asks for it.
+Both writers of a mixed model draw it here, through the recipe (`Recipe.router_weight`): the
+megatron-core mix (`router.py`) and the Hugging Face merge (`nemo_btx/hf/merge.py`), which
+never imports torch (importing it costs about a second, more than that whole merge of four
+271M models), so both give the same router for the same train.seed, bit for bit. numpy's
+Generator, seeded by (seed, layer) through a SeedSequence, gives every layer its own stream
+whatever the layout that asks for it.
 """
 
 from __future__ import annotations

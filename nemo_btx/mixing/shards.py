@@ -6,14 +6,16 @@ device (shapes only, no memory, no init time) at the target TP/PP/EP/expert-TP l
 offsets, exactly as training will later load them. Mapping onto the dense sources is then a
 small rule per key:
 
-* `decoder.layers.mlp.experts.experts.linear_fc{1,2}.weight` (global [layer, expert, ...]):
-  expert e's slice comes from the FFN units of its segments (`experts.py`) in the dense
+Each key is given its role in the merge recipe (`recipe.py`: FFN, ROUTER or SHARED):
+
+* `decoder.layers.mlp.experts.experts.linear_fc{1,2}.weight` (global [layer, expert, ...]),
+  FFN: expert e's slice comes from the FFN units of its segments (`experts.py`) in the dense
   `decoder.layers.mlp.linear_fc{1,2}.weight`. SwiGLU fc1 is stored as [gate; up] halves (that
   is what megatron's swiglu ShardedTensorFactory saves), so a unit range maps into both halves;
   fc2 is sliced along its columns.
-* `decoder.layers.mlp.router.weight`: new, initialised (`router.py`).
+* `decoder.layers.mlp.router.weight`, ROUTER: new, initialised (`router.py`).
 * everything else (embeddings, attention, all norms including the pre-MLP norm, the output
-  layer): the same key and slice in every source, averaged.
+  layer), SHARED: the same key and slice in every source, averaged (`Recipe.averaged`).
 
 Ownership. Non-expert tensors are replicated over the data/expert-parallel ranks, and
 megatron would let the first replica write each one; the converter instead balances them:
@@ -36,6 +38,7 @@ import torch
 
 from nemo_btx.errors import CheckpointError
 from nemo_btx.mixing.experts import pieces
+from nemo_btx.mixing.recipe import FFN, ROUTER, SHARED
 from nemo_btx.mixing.sources import VOCAB_PADDED, Region, SliceReader
 
 ROUTER_KEY = "decoder.layers.mlp.router.weight"
@@ -50,7 +53,7 @@ class OutShard:
     sh: object
     """The meta ShardedTensor: key, global shape and offsets, local shape, dtype."""
     kind: str
-    """router | expert | average"""
+    """Its role in the recipe: recipe.ROUTER | FFN | SHARED."""
     owner: int = -1
     data: Optional[torch.Tensor] = None
     """The real tensor, on the owner only."""
@@ -80,14 +83,15 @@ class OutShard:
 
 
 def _kind(key: str) -> str:
+    """The recipe role of a megatron-core key."""
     if key == ROUTER_KEY:
-        return "router"
+        return ROUTER
     if key.startswith(EXPERT_PREFIX):
-        return "expert"
+        return FFN
     if key.startswith("decoder.layers.mlp.router."):
         raise CheckpointError(f"router tensor {key!r} is not supported by mix (only the router "
                               "weight; expert bias / score correction are off in nemo-btx)")
-    return "average"
+    return SHARED
 
 
 def target_shards(chunks) -> Tuple[List[OutShard], list]:
@@ -112,7 +116,7 @@ def target_shards(chunks) -> Tuple[List[OutShard], list]:
 
 def assign_owners(shards: List[OutShard]) -> List[int]:
     """Collective: choose one writer per slice (see the module docstring); return bytes per rank."""
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    world = torch.distributed.get_world_size()
     mine = [(s.key, tuple(s.sh.global_offset), s.nbytes) for s in shards]
     every: List[list] = [None] * world
     torch.distributed.all_gather_object(every, mine)
@@ -138,21 +142,21 @@ def allocate(shard: OutShard, accumulate_dtype: torch.dtype) -> torch.Tensor:
     averages of low-precision weights accumulate in `accumulate_dtype`."""
     sh = shard.sh
     dtype = sh.dtype
-    if shard.kind == "average" and dtype not in (torch.float32, torch.float64):
+    if shard.kind == SHARED and dtype not in (torch.float32, torch.float64):
         dtype = accumulate_dtype
     return torch.empty(sh.local_shape, dtype=dtype)
 
 
 def add_average_reads(shard: OutShard, buf: torch.Tensor, readers: List[SliceReader],
-                      weights: List[float]) -> None:
-    """Every source's same slice, weighted, into `buf`: the first source initialises it
-    (buf = w0 * x0), the others add (buf += ws * xs), in source order on every layout."""
+                      averaged) -> None:
+    """The recipe's terms (`Recipe.averaged`: source, weight) of the same slice into `buf`:
+    the first term initialises it (buf = w0 * x0), the others add (buf += ws * xs), in source
+    order on every layout."""
     region = shard.region
     view = buf.view([n for _, n in region])
     terms = []
-    for reader, w in zip(readers, weights):
-        if w == 0:
-            continue
+    for source, w in averaged:
+        reader = readers[source]
         src_shape = reader.src.tensors().get(shard.key, (None,))[0]
         if src_shape is None:
             raise CheckpointError(f"{reader.src.path}: has no tensor {shard.key!r} (the MoE needs it)")

@@ -65,7 +65,8 @@ VOCAB_PADDED = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 @dataclass
 class MixSource:
-    """One dense checkpoint that joins the MoE."""
+    """One dense checkpoint that joins the MoE: a recipe source (`recipe.Source`) and, once
+    inspected, its marker and index."""
 
     name: str
     """Label in logs and the manifest: the domain name, or `seed`."""
@@ -78,6 +79,11 @@ class MixSource:
     """Its btx_checkpoint.json, filled in by `inspect_source`."""
     metadata: object = field(default=None, repr=False)
     """Its DCP index (torch.distributed.checkpoint Metadata), filled in by `inspect_source`."""
+
+    @classmethod
+    def of(cls, source) -> "MixSource":
+        """The checkpoint of a `recipe.Source`."""
+        return cls(name=source.name, path=source.path, role=source.role, domains=list(source.domains))
 
     def tensors(self) -> Dict[str, Tuple[tuple, torch.dtype]]:
         """fqn -> (global shape, dtype) of every tensor in the checkpoint."""
@@ -118,6 +124,9 @@ def check_files(path: Path, metadata) -> int:
 
 def inspect_source(src: MixSource, dense_model_cfg) -> MixSource:
     """Marker (complete, dense, same model as the config), index and shard files of one source."""
+    import dataclasses
+
+    from nemo_btx.mixing.recipe import check_architecture
     from nemo_btx.training import checkpoint as ckpt
 
     marker = ckpt.read_marker(src.path)
@@ -125,7 +134,8 @@ def inspect_source(src: MixSource, dense_model_cfg) -> MixSource:
     if experts is not None:
         raise CheckpointError(f"{src.path}: an MoE checkpoint ({experts} experts); mix and "
                               "upcycle take dense checkpoints")
-    ckpt.check_compatible(src.path, marker, dense_model_cfg)
+    check_architecture(("the config", dataclasses.asdict(dense_model_cfg)),
+                       [(src.path, marker.get("model"))])
     src.marker = marker
     src.metadata = read_index(src.path)
     check_files(src.path, src.metadata)

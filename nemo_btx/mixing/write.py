@@ -91,7 +91,7 @@ def write_mixed(plan: MixPlan, cfg, shards, objects, *, extra_manifest: dict, st
         manifest = {
             "stage": plan.kind, "complete": True, "weights": ".",
             "config": to_yaml(cfg), "sources": sources,
-            "average_weights": plan.weights, "router_init": plan.router_init,
+            "average_weights": list(plan.recipe.weights), "router_init": plan.recipe.router_init,
             "moe": plan.describe(), "model": marker["model"], "layout": marker["layout"],
             "ranks": every, "versions": software_versions(), **extra_manifest}
         write_json_atomic(tmp / ckpt.MARKER, marker)

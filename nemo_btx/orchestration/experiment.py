@@ -16,6 +16,21 @@ from nemo_btx.run_dir import RunDir
 WHERE_AND_HOW = ("run.", "cluster.", "hf.", "train.log_interval", "mix.threads")
 
 
+def preflight(cfg: ExperimentConfig) -> None:
+    """What the whole experiment needs decided before its first stage starts (`run`, `launch`),
+    beyond the config checks every command makes: the merge recipes of `mix` and `upcycle`
+    (days of expert training must not end in a bad mix.average_weights) and the benchmark
+    data of the evaluation. No torch."""
+    from nemo_btx.evaluation.benchmarks import runnable
+    from nemo_btx.mixing.recipe import mix_recipe, upcycle_recipe
+    from nemo_btx.run_dir import baseline
+
+    mix_recipe(cfg)
+    if any(baseline(b).moe for b in cfg.baselines.which):
+        upcycle_recipe(cfg)
+    runnable(cfg.eval.tasks, cfg.eval.data_dir, cfg.eval.missing_data)
+
+
 def check_same_experiment(cfg: ExperimentConfig, rd: Path, redo: bool) -> None:
     """Refuse to mix results of another config into `rd`; record this config there.
 

@@ -23,7 +23,7 @@ from typing import Dict, List, Sequence
 from nemo_btx.artifacts import write_json_atomic, write_text_atomic
 from nemo_btx.config.schema import ExperimentConfig
 from nemo_btx.errors import BtxError
-from nemo_btx.orchestration.experiment import check_same_experiment
+from nemo_btx.orchestration.experiment import check_same_experiment, preflight
 from nemo_btx.orchestration.slurm import SUBMIT_SCRIPT, Target, build_jobs, render_files
 from nemo_btx.run_dir import RunDir
 
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 def run(cfg: ExperimentConfig, overrides: Sequence[str] = (), config_name: str = "config") -> Dict[str, str]:
     """Render the chain into <run.dir>/slurm/ and submit it; return {stage: job id}."""
+    preflight(cfg)
     target = Target.for_launch(cfg, overrides, config_name)
     rd = RunDir(target.run_dir(cfg))
     # Plan with absolute paths: the jobs run in cluster.workdir, which may not be this directory.

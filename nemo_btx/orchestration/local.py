@@ -28,7 +28,7 @@ from typing import Callable, List, Optional, Sequence
 from nemo_btx import progress
 from nemo_btx.config.schema import ExperimentConfig
 from nemo_btx.errors import BtxError
-from nemo_btx.orchestration.experiment import check_same_experiment
+from nemo_btx.orchestration.experiment import check_same_experiment, preflight
 from nemo_btx.orchestration.units import Unit, command, nproc_of, pending, plan, select
 from nemo_btx.run_dir import RunDir
 
@@ -92,8 +92,10 @@ class Display:
 def _child_env(nproc: int, progress_file: Path) -> dict:
     env = dict(os.environ)
     if nproc > 1 and "OMP_NUM_THREADS" not in env:
-        # Ranks share the machine's cores; oversubscribed OpenMP threads slow CPU runs 20x.
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+        # Ranks share the cores this process may use (its affinity, not the host's CPU count);
+        # oversubscribed OpenMP threads slow CPU runs 20x. The thread count changes the last
+        # bits of a matmul, so it is recorded in the ledger (see the README).
+        env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // nproc))
     env.pop("WORLD_SIZE", None)
     env["PYTHONUNBUFFERED"] = "1"
     env[progress.ENV] = str(progress_file)
@@ -187,10 +189,9 @@ def run(cfg: ExperimentConfig, overrides: Sequence[str] = (), config_name: str =
     rd = RunDir.of(cfg)
     units = plan(cfg)
     redo = select(units, from_stage, only)
-    # Benchmark data missing on this machine: say so now, not after the training.
-    from nemo_btx.evaluation.benchmarks import runnable
-
-    runnable(cfg.eval.tasks, cfg.eval.data_dir, cfg.eval.missing_data)
+    # A bad merge recipe or benchmark data missing on this machine: say so now, not after
+    # the training (the CLI has called it already; a library caller may not have).
+    preflight(cfg)
     nprocs = {}
     for unit in units:
         if unit.layout not in nprocs:

@@ -33,6 +33,7 @@ from typing import Dict, List, Optional
 import torch
 
 from nemo_btx.artifacts import read_json, software_versions, write_json_atomic
+from nemo_btx.config.schema import SHAPE_FIELDS
 from nemo_btx.errors import CheckpointError
 from nemo_btx.model.build import unwrap
 from nemo_btx.run_dir import CHECKPOINT_MARKER, RunDir
@@ -160,10 +161,6 @@ def make_marker(kind: str, layout: dict, model_cfg, extra: Optional[dict] = None
             "versions": software_versions(), **(extra or {})}
 
 
-#: Model fields that decide tensor shapes: a checkpoint must agree on all of them to load.
-SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                "num_query_groups", "kv_channels", "vocab_size", "activation", "normalization",
-                "untie_embeddings_and_output_weights")
 
 
 def check_compatible(path: Path, marker: dict, model_cfg) -> None:

@@ -265,7 +265,7 @@ def run_training(cfg: ExperimentConfig, job: TrainJob, rt,
             "tokens": tokens_total, "flops": tokens_total * flops_per_token,
             "wall_s": spent_before["wall_s"] + wall,
             "device_seconds": spent_before["device_seconds"] + wall * rt.world_size,
-            "world_size": rt.world_size, "device": rt.device.type,
+            "world_size": rt.world_size, "device": rt.device.type, "threads": torch.get_num_threads(),
             "segment": {"steps": [start, t.train_iters], "wall_s": wall},
         })
         write_json_atomic(out / MANIFEST, {

@@ -1,6 +1,7 @@
 """`nemo-btx mix` with Hugging Face Llama experts: a Mixtral directory written straight from
 them (nemo_btx/hf/merge.py), with the megatron mix's merge rules."""
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -204,6 +205,59 @@ def test_same_as_megatron_mix_then_export(experts, tmp_path, router, weights):
                 "num_key_value_heads", "head_dim", "num_local_experts", "num_experts_per_tok",
                 "router_aux_loss_coef", "rms_norm_eps", "rope_theta", "vocab_size"):
         assert ca[key] == cb[key], key
+
+
+def test_both_writers_apply_one_recipe(experts, tmp_path, monkeypatch):
+    """The Mixtral writer and the megatron-core writer take their rules from the same recipe
+    (nemo_btx/mixing/recipe.py): with the seed included and a zero weight, both build equal
+    recipes from the config, record its expert table and weights, and write the same bytes
+    (the megatron MoE exported): the zero-weight source is left out of the mean by both."""
+    from nemo_btx.mixing import recipe as recipes
+    from nemo_btx.stages.hf import export_hf, import_hf
+    from nemo_btx.stages.mix import run
+
+    built = []
+    real = recipes.mix_recipe
+    monkeypatch.setattr(recipes, "mix_recipe", lambda cfg: built.append(real(cfg)) or built[-1])
+    settings = ["mix.include_seed=true", "mix.average_weights=[1,0,3]", "mix.router_init=random",
+                "train.seed=11", f"run.dir={tmp_path / 'run'}"]
+
+    def mix(paths, out, *extra):
+        run(load_config([f"mix.experts=[{paths[0]},{paths[1]}]", f"mix.seed_checkpoint={paths[2]}",
+                         f"mix.out={out}", *settings, *extra]))
+        return built[-1]
+
+    direct = tmp_path / "direct"
+    hf_recipe = mix(experts, direct)
+    imported = [import_hf(load_config([f"hf.path={e}", f"hf.out={tmp_path / f'imp{i}'}"]))
+                for i, e in enumerate(experts)]
+    overrides = json.loads((imported[0] / "manifest.json").read_text())["overrides"]
+    mixed = tmp_path / "mixed"
+    mc_recipe = mix(imported, mixed, *overrides)
+    assert len(built) == 2
+
+    def rules(r):
+        return (dataclasses.replace(r, sources=(), out=None),
+                [(s.name, s.role, s.domains) for s in r.sources])
+    assert rules(hf_recipe) == rules(mc_recipe)
+    assert hf_recipe.weights == (0.25, 0.0, 0.75) and hf_recipe.averaged == ((0, 0.25), (2, 0.75))
+    assert [s.path for s in hf_recipe.sources] == [e.resolve() for e in experts]
+    assert [s.path for s in mc_recipe.sources] == [p.resolve() for p in imported]
+
+    ffn = LLAMA["intermediate_size"]
+    summary = json.loads((direct / "btx_mix.json").read_text())
+    manifest = json.loads((mixed / "manifest.json").read_text())
+    assert summary["weights"] == manifest["average_weights"] == list(hf_recipe.weights)
+    assert summary["experts"] == manifest["moe"]["experts"] == hf_recipe.describe_experts(ffn)
+    assert summary["num_experts"] == manifest["moe"]["num_experts"] == 3
+    assert summary["router_topk"] == manifest["moe"]["router_topk"] == hf_recipe.router_topk
+
+    exported = export_hf(load_config([f"hf.path={mixed}", f"hf.out={tmp_path / 'exported'}"]))
+    a, b = safetensors_of(direct), safetensors_of(exported)
+    assert sorted(a) == sorted(b) and [n for n in a if not bitwise_equal(a[n], b[n])] == []
+    src = [safetensors_of(e) for e in experts]
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert bitwise_equal(a[name], _torch_mean([src[0][name], src[2][name]], [0.25, 0.75], torch.float32))
 
 
 def _bad_value(experts, tmp_path, name, value):

@@ -255,3 +255,36 @@ def test_router_init_data_refused_without_domains(distinct, tmp_path):
     with pytest.raises(ConfigError, match="router_init"):
         run_mix([f"mix.seed_checkpoint={distinct[2]}", f"mix.out={tmp_path / 'y'}",
                  "mix.router_init=data"], kind="upcycle")
+
+
+def test_the_megatron_writer_applies_the_recipe(distinct, tmp_path):
+    """Split experts, weights with a zero, the seed included: the plan's recipe is the config's
+    recipe (nemo_btx/mixing/recipe.py, shared with the Hugging Face merge), and the MoE is
+    exactly what it says: expert e = its layout's source units, every other tensor the
+    recipe's terms summed in its order (bit for bit), the recorded table and weights its own."""
+    from nemo_btx.mixing import recipe as recipes
+
+    out = tmp_path / "moe"
+    args = sources(distinct, out, "mix.split_experts=2", "mix.average_weights=[1,0,3]")
+    plan, moe_cfg = run_mix(args)
+    recipe = recipes.mix_recipe(load_config(SMALL + args))
+    assert plan.recipe == recipe and plan.layout == recipe.layout(F)
+    assert [s.name for s in plan.sources] == [s.name for s in recipe.sources] == ["code", "math", "seed"]
+    assert moe_cfg.model.moe.num_experts == recipe.num_experts == 6
+    assert moe_cfg.model.moe.router_topk == recipe.router_topk == 4
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["average_weights"] == list(recipe.weights) == [0.25, 0.0, 0.75]
+    assert manifest["moe"]["experts"] == recipe.describe_experts(F)
+    moe, src = read_tensors(out), [read_tensors(p) for p in distinct]
+    for e, segments in enumerate(recipe.layout(F)):
+        gate = torch.cat([src[s.source][FC1][:, s.start:s.start + s.length] for s in segments], dim=1)
+        up = torch.cat([src[s.source][FC1][:, F + s.start:F + s.start + s.length] for s in segments], dim=1)
+        down = torch.cat([src[s.source][FC2][:, :, s.start:s.start + s.length] for s in segments], dim=2)
+        assert torch.equal(moe[EFC1][:, e], torch.cat([gate, up], dim=1)), e
+        assert torch.equal(moe[EFC2][:, e], down), e
+    for key in set(src[0]) - {FC1, FC2}:
+        acc = None
+        for s, w in recipe.averaged:  # (0, 0.25), (2, 0.75): the zero-weight source is skipped
+            x = src[s][key].float()
+            acc = torch.mul(x, w) if acc is None else acc.add_(x * w)
+        assert torch.equal(moe[key], acc.to(moe[key].dtype)), key

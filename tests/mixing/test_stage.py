@@ -60,8 +60,11 @@ def test_mix_stage_with_data_router_then_skip(run_dir, caplog):
 def test_upcycle_stage(run_dir):
     from nemo_btx.stages import upcycle
 
+    from nemo_btx.run_dir import RunDir
+
     upcycle.run(load_config(TINY + [f"run.dir={run_dir}"]))
-    out = run_dir / "baselines" / "upcycle" / "mixed"
+    out = RunDir(run_dir).upcycled  # <run.dir>/baselines/upcycled
+    assert out == run_dir / "baselines" / "upcycled"
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stage"] == "upcycle" and manifest["moe"]["num_experts"] == 4  # domains + 1
     marker = json.loads((out / "btx_checkpoint.json").read_text())
