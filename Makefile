@@ -6,13 +6,14 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: run test install browser clean
+.PHONY: run test test-fast install system-packages clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+	# setuptools in the venv itself: tests build the project's wheel offline (--no-build-isolation).
+	$(PY) -m pip install --quiet --upgrade pip 'setuptools>=77'
 	# torch first and alone, pinned: nothing later may resolve it to a CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[test,eval]'
@@ -26,17 +27,30 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/nemo-btx run $(ARGS)
 
-test: $(STAMP) browser
-	$(PY) -m pytest $(ARGS)
+# The whole suite (what CI runs: .ci/run), ending with its 25 slowest tests.
+test: $(STAMP) system-packages
+	$(PY) -m pytest --durations=25 $(ARGS)
 
-# Debian's chromium renders the HTML report in a test (headless). System package: needs root
-# (or sudo); without either the test says it is skipped and why.
-SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-browser:
-	@command -v chromium >/dev/null 2>&1 || { \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium; } || \
-	  echo "warning: could not install chromium; the report's browser test will be skipped"
+# For iteration, under 3 minutes on 2 CPU cores: every package, no test marked slow (whole
+# experiments, the Slurm cluster, kill-and-resume runs; see the markers in pyproject.toml).
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow" --durations=10 $(ARGS)
+
+# System packages the tests use (Debian/Ubuntu), installed here so that no test installs
+# anything: chromium renders the HTML report headless (tests/report); slurm-wlm and munge run
+# the local Slurm cluster (tests/slurm). apt-get needs root (or sudo without a password); without
+# either this warns, and those tests are skipped saying why (in CI, .ci/run, they fail).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
+system-packages:
+	@missing=""; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	{ command -v slurmctld && command -v slurmd && command -v sbatch; } >/dev/null 2>&1 || missing="$$missing slurm-wlm"; \
+	command -v munged >/dev/null 2>&1 || missing="$$missing munge"; \
+	[ -z "$$missing" ] || { \
+	  echo "installing$$missing with apt-get"; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; } || \
+	  echo "warning: could not install$$missing (apt-get needs root or sudo); the tests that use them will be skipped"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

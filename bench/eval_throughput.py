@@ -58,11 +58,12 @@ def record_mmlu_requests(per_subject: int):
 
 
 def moe_checkpoint(run_dir: Path, num_experts: int, tmp: Path) -> Path:
+    from nemo_btx.run_dir import RunDir
     from nemo_btx.training.checkpoint import is_complete
 
-    for cand in (run_dir / "btx" / "finetuned" / "weights", run_dir / "btx" / "mixed" / "weights"):
-        if is_complete(cand):
-            return cand
+    for rel in RunDir(run_dir).model("btx", []).checkpoints:  # finetuned, else mixed
+        if is_complete(run_dir / rel):
+            return run_dir / rel
     import subprocess
 
     code = f"""
@@ -113,10 +114,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     from nemo_btx.evaluation.btm import BTMLM
     from nemo_btx.evaluation.lm import NemoBtxLM
+    from nemo_btx.run_dir import RunDir
 
     run_dir = Path(args.run_dir)
     requests = record_mmlu_requests(args.per_subject)
-    seed = NemoBtxLM(str(run_dir / "seed" / "weights"), batch_size=args.batch_size)
+    seed = NemoBtxLM(str(run_dir / RunDir(run_dir).model("seed", []).checkpoints[0]), batch_size=args.batch_size)
     tokens = 0
     for r in requests:
         ctx, cont = seed._encode_pair(*r.args)
@@ -136,7 +138,7 @@ def main() -> None:
           f"positions, max_length {seed.max_length}, torch threads {torch.get_num_threads()}")
     measure("dense seed, batched", seed, args.batch_size)
     measure("dense seed, one at a time", seed, 1, one_call_each=True)
-    experts = sorted(p.parent.name for p in (run_dir / "experts").glob("*/weights"))
+    experts = sorted(p.parent.name for p in RunDir(run_dir).experts.glob("*/weights"))
     with tempfile.TemporaryDirectory() as tmp:
         moe_path = moe_checkpoint(run_dir, len(experts), Path(tmp))
         moe = NemoBtxLM(str(moe_path), run_dir=str(run_dir), batch_size=args.batch_size)

@@ -4,6 +4,8 @@
 #
 #   slurm/local_cluster.sh start          install slurm-wlm + munge if missing; start munged,
 #                                         slurmctld and slurmd; wait until the node is idle
+#                                         (BTX_SLURM_INSTALL=0: never install, fail if missing;
+#                                         the tests start it so: `make test` installs them)
 #   slurm/local_cluster.sh status         the daemons, sinfo and squeue
 #   slurm/local_cluster.sh stop           cancel its jobs, stop the daemons by their pid files
 #   eval "$(slurm/local_cluster.sh env)"  point sbatch/squeue/scancel at it (SLURM_CONF)
@@ -17,6 +19,7 @@
 set -euo pipefail
 
 DIR=${BTX_SLURM_DIR:-/tmp/nemo-btx-slurm}
+INSTALL=${BTX_SLURM_INSTALL:-1}
 PORT=${BTX_SLURM_PORT:-16817}
 CONF=$DIR/slurm.conf
 HOST=$(hostname -s)
@@ -27,6 +30,10 @@ say() { echo "local_cluster: $*" >&2; }
 install() {
   if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null; then
     return
+  fi
+  if [ "$INSTALL" = 0 ]; then
+    say "slurm-wlm and munge are not installed (BTX_SLURM_INSTALL=0: not installing them; 'make system-packages' does, as root)"
+    exit 1
   fi
   if [ "$(id -u)" != 0 ]; then
     say "slurm-wlm and munge are not installed; installing them needs root (apt-get)"

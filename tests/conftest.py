@@ -1,7 +1,9 @@
-"""Shared fixtures: a torchrun launcher for multi-process CPU tests, and one small whole
-experiment (`make run`, the README's main command) that several slow tests inspect."""
+"""Shared fixtures: a torchrun launcher for multi-process CPU tests, one small whole
+experiment (`make run`, the README's main command) that several slow tests inspect, and the
+seed of the suite's random choices (kill points), printed so that a failure can be replayed."""
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -12,11 +14,70 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Random kill points (the step or moment a run is killed) come from one seed per session:
+# NEMO_BTX_TEST_SEED if set, else a fresh one. The session header and every failing test that
+# drew from it print the seed; setting it again replays the same choices.
+SEED_VAR = "NEMO_BTX_TEST_SEED"
+TEST_SEED = int(os.environ.get(SEED_VAR) or random.SystemRandom().randrange(2**32))
+
+
+def pytest_report_header(config):
+    return f"random kill points: {SEED_VAR}={TEST_SEED} (set it to replay them)"
+
+
+# `make test-fast` (-m "not slow") is meant to finish in 3 minutes on 2 idle CPU cores.
+FAST_BUDGET_S = 180
+_SESSION_START = time.monotonic()
+_SEED_USED = []
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if _SEED_USED:  # again at the end (-q shows no header)
+        terminalreporter.write_line(f"random kill points drawn with {SEED_VAR}={TEST_SEED}")
+    took = time.monotonic() - _SESSION_START
+    if config.option.markexpr.strip() == "not slow" and took > FAST_BUDGET_S:
+        terminalreporter.write_line(
+            f"note: the fast tier took {took:.0f} s, over its {FAST_BUDGET_S} s budget (on a busy "
+            "machine that may be the load): mark the slowest tests above `slow`", yellow=True)
+
+
+@pytest.fixture
+def test_rng(request):
+    """A `random.Random` seeded from the session seed: draw every random choice from it."""
+    request.node.btx_seed = TEST_SEED
+    _SEED_USED.append(request.node.nodeid)
+    print(f"{SEED_VAR}={TEST_SEED}")
+    return random.Random(TEST_SEED)
+
+
+def replay_hint(seed: int = TEST_SEED) -> str:
+    """For assertion messages: how to run the test again with the same random choices."""
+    return f"replay with {SEED_VAR}={seed}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    seed = getattr(item, "btx_seed", None)
+    if seed is not None and report.failed:
+        report.sections.append(("random kill points", f"replay: {SEED_VAR}={seed} "
+                                f"{sys.executable} -m pytest '{item.nodeid}'"))
+
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def missing_system_package(what: str):
+    """A system package a test needs is missing: skip, naming the Makefile target that installs
+    it, or fail in CI (`.ci/run` sets NEMO_BTX_CI=1), where `make test` has just run that target
+    as root, so a missing package is a broken setup that a skip would hide."""
+    how = "`make system-packages` (part of `make test`) installs it with apt-get as root"
+    if os.environ.get("NEMO_BTX_CI") == "1":
+        pytest.fail(f"{what}; {how}, and in CI it must have", pytrace=False)
+    pytest.skip(f"{what}; {how}")
 
 
 def clean_env(**extra) -> dict:
@@ -57,12 +118,11 @@ def _fresh_megatron_state():
     parallel state; a module that leaves it behind must not break the next one.
     """
     yield
+    if "megatron.core.parallel_state" not in sys.modules:
+        return  # nothing to reset, and importing megatron here would cost seconds per module
     import torch
+    from megatron.core import parallel_state
 
-    try:
-        from megatron.core import parallel_state
-    except ImportError:  # pragma: no cover
-        return
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if torch.distributed.is_available() and torch.distributed.is_initialized():

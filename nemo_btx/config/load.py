@@ -23,9 +23,12 @@ GROUPS = ("model", "parallel", "train", "experiment")
 
 
 def conf_dir() -> Path:
-    """The YAML directory: $NEMO_BTX_CONF_DIR, else the repository's conf/."""
+    """The YAML directory: $NEMO_BTX_CONF_DIR, else the repository's conf/ (a checkout or an
+    editable install) or the copy a wheel ships as nemo_btx/_conf (see nemo_btx/resources.py)."""
+    from nemo_btx.resources import data_dir
+
     env = os.environ.get("NEMO_BTX_CONF_DIR")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "conf"
+    path = Path(env) if env else data_dir("conf")
     if not (path / "config.yaml").is_file():
         raise ConfigError("NEMO_BTX_CONF_DIR", str(path), "must be a directory holding config.yaml")
     return path

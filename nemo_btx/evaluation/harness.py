@@ -19,22 +19,16 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-#: lm-eval model name -> "module:Class", resolved by lm-eval only when chosen.
-MODELS = {
-    "nemo-btx": "nemo_btx.evaluation.lm:NemoBtxLM",
-    "nemo-btx-btm": "nemo_btx.evaluation.btm:BTMLM",
-}
+from nemo_btx.evaluation.lm_eval_hook import MODELS, register_into  # noqa: F401 - MODELS re-exported
+
 PTH_NAME = "nemo_btx_lm_eval.pth"
 
 
 def register() -> None:
-    """Add our models to lm-eval's registry as lazy placeholders (idempotent)."""
-    import lm_eval.models  # noqa: F401 - lm-eval fills its own placeholders only into an empty registry
+    """Add our models to lm-eval's registry as lazy placeholders, after lm-eval's own (idempotent)."""
     from lm_eval.api.registry import model_registry
 
-    for name, target in MODELS.items():
-        if name not in model_registry:
-            model_registry.register(name, target=target)
+    register_into(model_registry)
 
 
 def _with_task_path(argv: List[str]) -> List[str]:

@@ -13,15 +13,17 @@ import logging
 import math
 import os
 import tempfile
-from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from nemo_btx.resources import data_dir
+
 log = logging.getLogger(__name__)
 
-#: The repository's task directory (btx_gsm8k, btx_humaneval, btx_mmlu).
-EVAL_DIR = Path(__file__).resolve().parents[2] / "eval"
+#: The task directory (btx_gsm8k, btx_humaneval, btx_mmlu): the repository's eval/ (a checkout
+#: or an editable install) or the copy a wheel ships as nemo_btx/_eval (nemo_btx/resources.py).
+EVAL_DIR = data_dir("eval")
 DEFAULT_TASKS = ("btx_gsm8k", "btx_humaneval", "btx_mmlu")
 
 

@@ -17,6 +17,11 @@ namespace, whose functions can only raise in a CPU build), never the CPU behavio
 (comma-separated names) leave chosen redirections out; the tests use this to prove that each
 one is necessary (the megatron-core operation then fails with a known error).
 
+They are written for megatron-core ``MEGATRON_CORE_VERSION`` (0.16.1): :func:`check_megatron_version`
+stops a process started with any other version with one line, unless
+``$NEMO_BTX_ALLOW_MEGATRON_VERSION`` turns that into a warning.  ``runtime.init_runtime`` runs it on
+GPU nodes too, where no redirection is applied.
+
 Separately, :func:`force_batch_p2p_comm_off` guards against a SILENT wrong-gradient bug of the
 interleaved pipeline schedule on gloo (see its docstring).
 """
@@ -35,10 +40,19 @@ from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
 
+from nemo_btx.errors import BtxError
+
 logger = logging.getLogger(__name__)
 
 #: Environment variable with comma-separated redirection names to leave out.
 SKIP_ENV_VAR = "NEMO_BTX_CPU_SKIP"
+
+#: The megatron-core release these redirections were written for and tested against (the one
+#: pyproject.toml pins). `check_megatron_version` stops a process started with another one.
+MEGATRON_CORE_VERSION = "0.16.1"
+#: `1` runs with any other megatron-core version, a version (e.g. `0.17.0`) with that one only:
+#: a loud warning at start-up instead of the error.
+ALLOW_VERSION_ENV_VAR = "NEMO_BTX_ALLOW_MEGATRON_VERSION"
 
 _CPU = torch.device("cpu")
 
@@ -731,6 +745,56 @@ def redirect_torch_adam_step_state() -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# The megatron-core version they were written for
+# --------------------------------------------------------------------------------------------
+
+
+def installed_megatron_version() -> str:
+    """The installed megatron-core's version (its package metadata; its own version module for a
+    source checkout on the path)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("megatron-core")
+    except metadata.PackageNotFoundError:
+        pass
+    try:
+        from megatron.core.package_info import __version__
+    except ImportError:
+        return "(not installed)"
+    return str(__version__)
+
+
+_warned_versions: set = set()
+
+
+def check_megatron_version() -> str:
+    """Raise BtxError unless the installed megatron-core is MEGATRON_CORE_VERSION (a local build
+    label such as `+nv` is ignored), or $NEMO_BTX_ALLOW_MEGATRON_VERSION allows it: then log a
+    warning (once per process and version). Returns the installed version.
+
+    Called at every process start (`runtime.init_runtime`, on GPU nodes too, and
+    `apply_cpu_redirections`): the redirections patch megatron-core 0.16.1's internals by name,
+    and the rest of the code (parallel state, MoE config, the converter's checkpoint keys) is
+    written against the same release, which pyproject.toml pins on every machine.
+    """
+    found = installed_megatron_version()
+    if found.split("+", 1)[0] == MEGATRON_CORE_VERSION:
+        return found
+    allow = os.environ.get(ALLOW_VERSION_ENV_VAR, "").strip()
+    what = (f"megatron-core {found} is installed; nemo-btx is written and tested for megatron-core "
+            f"{MEGATRON_CORE_VERSION} (its CPU redirections and checkpoint layout)")
+    if allow == "1" or (allow and allow == found):
+        if found not in _warned_versions:
+            _warned_versions.add(found)
+            logger.warning("%s: running anyway because %s=%s; results are UNTESTED", what,
+                           ALLOW_VERSION_ENV_VAR, allow)
+        return found
+    raise BtxError(f"{what}: install megatron-core=={MEGATRON_CORE_VERSION}, or set "
+                   f"{ALLOW_VERSION_ENV_VAR}=1 (or ={found}) to run anyway")
+
+
+# --------------------------------------------------------------------------------------------
 # Registry and entry point
 # --------------------------------------------------------------------------------------------
 
@@ -780,7 +844,8 @@ def apply_cpu_redirections(skip: Iterable[str] = ()) -> list:
     Idempotent: a redirection is applied at most once per process; a later call without the
     skip applies the ones an earlier call left out.  Returns the names in effect after the
     call (in ``REDIRECTIONS`` order).  Does nothing (returns ``[]``) when CUDA is available.
-    Unknown names in ``skip`` / the environment variable raise ``ValueError``.
+    Unknown names in ``skip`` / the environment variable raise ``ValueError``; a megatron-core
+    other than ``MEGATRON_CORE_VERSION`` raises ``BtxError`` (see ``check_megatron_version``).
     """
     skipped = set(skip) | _names_from_env()
     unknown = skipped - set(REDIRECTIONS)
@@ -790,6 +855,7 @@ def apply_cpu_redirections(skip: Iterable[str] = ()) -> list:
         )
     if torch.cuda.is_available():
         return []
+    check_megatron_version()
     with _apply_lock:
         for name, redirection in REDIRECTIONS.items():
             if name in skipped or name in _applied:
@@ -836,6 +902,8 @@ def force_batch_p2p_comm_off(config: Any, *, user_requested: bool = False) -> bo
 
 
 __all__ = [
+    "ALLOW_VERSION_ENV_VAR",
+    "MEGATRON_CORE_VERSION",
     "REDIRECTIONS",
     "CUDA_FACTORY_MODULES",
     "CUDA_FACTORY_NOT_REDIRECTED",
@@ -845,6 +913,8 @@ __all__ = [
     "CpuStream",
     "apply_cpu_redirections",
     "applied_redirections",
+    "check_megatron_version",
     "cpu_params_reported_as_cuda",
     "force_batch_p2p_comm_off",
+    "installed_megatron_version",
 ]

@@ -66,6 +66,12 @@ def init_runtime(cfg: ExperimentConfig, *, timeout_minutes: int = 10) -> Runtime
     trackers -> torch.manual_seed last, because with `use_cpu_initialization` the weights are
     drawn from the default CPU generator and must not depend on what the trackers consumed.
     """
+    from nemo_btx.runtime.cpu import apply_cpu_redirections, check_megatron_version
+
+    # First, before megatron-core is imported: the installed release must be the one this code
+    # is written for, on GPU nodes too (the redirections are CPU-only; the pin and the
+    # model/MoE/checkpoint code are not).
+    check_megatron_version()
     from megatron.core import parallel_state
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -79,8 +85,6 @@ def init_runtime(cfg: ExperimentConfig, *, timeout_minutes: int = 10) -> Runtime
 
     redirections: tuple = ()
     if not torch.cuda.is_available():
-        from nemo_btx.runtime.cpu import apply_cpu_redirections
-
         redirections = tuple(apply_cpu_redirections())
         device = torch.device("cpu")
     else:

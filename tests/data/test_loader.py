@@ -139,6 +139,7 @@ def _worker_digest(cfg, run_dir) -> str:
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_processes_racing_to_build_the_caches_agree(built_run, tmp_path):
     """Two plain processes and a 2-rank torchrun job build the same fresh caches at once.
 

@@ -79,6 +79,7 @@ def tokens(eval_run):  # noqa: F811
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("top_k", [None, 1, 2])
+@pytest.mark.slow
 def test_one_expert_and_two_identical_experts_equal_the_expert(experts, tokens, top_k):
     eod, toks = tokens
     alone = experts["code"].logprobs(toks)
@@ -90,6 +91,7 @@ def test_one_expert_and_two_identical_experts_equal_the_expert(experts, tokens, 
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.slow
 def test_cached_generation_agrees_with_full_scoring(experts, tokens, top_k, eval_run):  # noqa: F811
     from nemo_btx.data.tokenizer import load_tokenizer
     from nemo_btx.evaluation.lm import ScorerLM
@@ -110,6 +112,7 @@ def test_cached_generation_agrees_with_full_scoring(experts, tokens, top_k, eval
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_tfidf_router_prefers_the_domain_of_the_text(eval_run):  # noqa: F811
     domains = ["code", "math", "wiki"]
     samples = domain_samples(eval_run, domains, max_docs=16, max_tokens=512)

@@ -7,6 +7,8 @@ import math
 import pytest
 
 from eval_fixtures import SMALL, eval_run  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.slow  # every test reads eval_run, a trained run (~30 s)
 from nemo_btx.config import load_config
 from nemo_btx.stages import evaluate
 

@@ -11,6 +11,8 @@ from lm_eval.api.instance import Instance
 
 from eval_fixtures import eval_run  # noqa: F401 - fixture
 
+pytestmark = pytest.mark.slow  # every test reads eval_run, a trained run (~30 s)
+
 TEXTS = [("def add(a, b):\n    return", " a + b"), ("The city of", " Paris is large"),
          ("", "import os"), ("12 + 7 =", " 19"), ("x" * 300, " y")]
 

@@ -31,9 +31,9 @@ def test_gsm8k_without_data_is_skipped_or_an_error(no_gsm8k):
 
 def test_run_refuses_up_front_for_a_real_run(no_gsm8k, tmp_path):
     from nemo_btx.config import load_config
-    from nemo_btx.stages import pipeline
+    from nemo_btx.orchestration import local
 
     cfg = load_config([f"run.dir={tmp_path / 'run'}", "eval.missing_data=error"])
     with pytest.raises(BtxError, match="btx_gsm8k"):
-        pipeline.run(cfg)
+        local.run(cfg)
     assert not (tmp_path / "run").exists()  # nothing started

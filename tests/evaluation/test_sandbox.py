@@ -74,6 +74,7 @@ def test_statuses(mode):
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.slow
 def test_hostile_programs_are_contained(mode, canaries, listener):
     owned, world = canaries["owned"], canaries["open"]
     hostile = {
@@ -153,6 +154,7 @@ def test_namespace_isolation_details():
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.slow
 def test_canonical_humaneval_solutions_pass_and_wrong_ones_fail():
     problems = humaneval.load_problems()
     assert len(problems) == 164

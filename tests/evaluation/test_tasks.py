@@ -102,6 +102,7 @@ def test_mmlu_always_b_full_set():
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_humaneval_canonical_solutions_score_one_through_lm_eval():
     res = run_tasks(HumanEvalOracle(), ["btx_humaneval"])
     assert res["results"]["btx_humaneval"]["sample_len"] == 164
@@ -165,6 +166,7 @@ def _lm_eval_cli(args, timeout=300):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_lm_eval_command_line_runs_our_model(eval_run, tmp_path):  # noqa: F811
     ckpt = eval_run / "seed" / "weights"
     common = ["--model", "nemo-btx", "--model_args", f"checkpoint={ckpt},gen_cap=8",

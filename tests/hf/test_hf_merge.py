@@ -178,6 +178,7 @@ def test_merge_does_not_import_torch(experts, tmp_path):
 
 
 @pytest.mark.parametrize("router,weights", [("zeros", None), ("random", "[1,2,4]")])
+@pytest.mark.slow
 def test_same_as_megatron_mix_then_export(experts, tmp_path, router, weights):
     """HF experts -> import-hf -> megatron mix -> export-hf gives the same Mixtral, bit for bit
     (the random router included: both draw it from mixing/router_random.py)."""

@@ -82,7 +82,7 @@ def test_other_exact_routings(run, tmp_path, moe):
     sum to 1 already, so Mixtral's renormalisation changes nothing."""
     src = _with_moe(run / "btx" / "finetuned" / "weights", tmp_path / "ckpt", **moe)
     out = _export(f"hf.path={src}", f"hf.out={tmp_path / 'hf'}")
-    tokens = torch.randint(0, 300, (2, 16))
+    tokens = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
     assert_logits_close(hf_logits(out, tokens), megatron_logits(src, tokens))
 
 
@@ -122,6 +122,7 @@ def test_router_tensors_mixtral_lacks_are_refused():
             check_mixtral_routing(moe, ["decoder.layers.mlp.router.weight", key], "ckpt")
 
 
+@pytest.mark.slow
 def test_cli_export_refusal_is_one_line(run, tmp_path):
     src = _with_moe(run / "btx" / "finetuned" / "weights", tmp_path / "ckpt", capacity_factor=1.5)
     proc = subprocess.run([sys.executable, "-m", "nemo_btx.cli", "export-hf", f"hf.path={src}",

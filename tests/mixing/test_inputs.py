@@ -154,6 +154,7 @@ def _cli(args, **kw):
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.slow
 def test_kill_during_write_leaves_nothing_complete_and_rerun_succeeds(good, tmp_path):
     out = tmp_path / "moe"
     args = SMALL + mix_args(good, out)

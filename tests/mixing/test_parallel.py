@@ -42,6 +42,7 @@ def mixed(runtime, tmp_path_factory):
 @pytest.mark.distributed
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("layout", ["parallel.ep=2", "parallel.tp=2", "parallel.pp=2"])
+@pytest.mark.slow
 def test_mixed_checkpoint_loads_at_other_layouts(mixed, tmp_path, layout):
     d, _, ref = mixed
     out = tmp_path / "loss.json"
@@ -56,6 +57,7 @@ def test_mixed_checkpoint_loads_at_other_layouts(mixed, tmp_path, layout):
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("layout", ["parallel.ep=2", "parallel.tp=2",
                                     "parallel.tp=2 parallel.ep=2 parallel.etp=1"])
+@pytest.mark.slow
 def test_mix_at_another_layout_is_bitwise_identical(mixed, tmp_path, layout):
     d, args, _ = mixed
     out = tmp_path / "moe"

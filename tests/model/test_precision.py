@@ -10,6 +10,7 @@ from conftest import REPO, clean_env
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_bf16_mixed_precision_trains_with_fp32_main_weights(tmp_path):
     script = r'''
 import json, sys, torch

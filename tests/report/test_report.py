@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, clean_env
+from conftest import REPO, clean_env, missing_system_package
 from report_run import (DOCS, DOMAINS, FLOPS_PER_TOKEN, LOSS, ROUTING, SCORES, STEPS, TOKENS_PER_STEP,
                         TRAIN_OFFSET, make_run)
 
@@ -248,8 +248,9 @@ def render_in_chromium(html_path: Path, tmp: Path) -> dict:
             "rows": int(attrs.get("tables", -1)), "dom": dom.stdout, "shot": shot}
 
 
-@pytest.mark.skipif(_chromium() is None, reason="chromium is not installed (apt-get install -y chromium)")
 def test_html_renders_in_headless_chromium(run, tmp_path):
+    if _chromium() is None:
+        missing_system_package("chromium is not installed")
     report = build_report(run)
     seen = render_in_chromium(run / "report" / "report.html", tmp_path)
     assert seen["images"] == len(report["figures"]) == len(FIGURES)

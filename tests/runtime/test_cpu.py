@@ -249,6 +249,7 @@ def test_tensor_method_scopes_are_local_and_reentrant():
 # ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_all_single_process_operations_succeed_with_every_redirection(single):
     job = single["all"]
     assert job["applied"] == ALL
@@ -258,12 +259,14 @@ def test_all_single_process_operations_succeed_with_every_redirection(single):
             _ok(subrec, f"{name}/{sub}")
 
 
+@pytest.mark.slow
 def test_idempotent(single):
     data = _ok(single["all"]["checks"]["idempotent"])
     assert data["lists"] == [ALL, ALL]
     assert data["same_objects"] and data["alltoall_wrapped_once"]
 
 
+@pytest.mark.slow
 def test_current_device(single):
     job = _skip_job(single, "current_device")
     _assert_fails(job["op"], "AssertionError", NOT_CUDA,
@@ -274,6 +277,7 @@ def test_current_device(single):
     assert _ok(single["all"]["checks"]["idempotent"])["current_device"] == "cpu"
 
 
+@pytest.mark.slow
 def test_rng_state(single):
     job = _skip_job(single, "rng_state")
     _assert_fails(job["op"], "AssertionError", NOT_CUDA, ("tensor_parallel/random.py", "add"))
@@ -288,6 +292,7 @@ def test_rng_state(single):
     assert data["warnings"] == [], "spurious 'CPU RNG state changed' warnings"
 
 
+@pytest.mark.slow
 def test_streams_events(single):
     job = _skip_job(single, "streams_events")
     _assert_fails(job["op"], "RuntimeError", "torch.cuda.Stream requires CUDA support",
@@ -299,6 +304,7 @@ def test_streams_events(single):
     # torch.cuda.synchronize() in test_interleaved_pp2_vp2_batch_p2p_comm_silently_wrong.
 
 
+@pytest.mark.slow
 def test_te_general_gemm(single):
     job = _skip_job(single, "te_general_gemm")
     _assert_fails(job["op"], "NameError", "name 'te_general_gemm' is not defined",
@@ -308,6 +314,7 @@ def test_te_general_gemm(single):
     assert data == {"value": True, "grad_x": True, "grad_w": True}
 
 
+@pytest.mark.slow
 def test_cuda_factories(single):
     job = _skip_job(single, "cuda_factories")
     _assert_fails(job["op"], "AssertionError", NOT_CUDA,
@@ -325,6 +332,7 @@ def test_cuda_factories(single):
     assert data["attr_ns_proxy"] < 2 * data["attr_ns_real"] + 50, data
 
 
+@pytest.mark.slow
 def test_torch_norm_sequence_parallel(single):
     job = _skip_job(single, "torch_norm_sequence_parallel")
     _assert_fails(job["op"], "AssertionError", "sequence parallel not supported by torch LayerNorm",
@@ -334,6 +342,7 @@ def test_torch_norm_sequence_parallel(single):
     assert data == {"type": "RMSNorm", "marked": [True], "config_sp_unchanged": True}
 
 
+@pytest.mark.slow
 def test_distributed_optimizer_param_type(single):
     job = _skip_job(single, "distributed_optimizer_param_type")
     sub = _ok(job["op"])["subops"]
@@ -358,6 +367,7 @@ def test_distributed_optimizer_param_type(single):
 
 @pytest.mark.distributed
 @pytest.mark.timeout(150)
+@pytest.mark.slow
 def test_alltoall_split_sizes_necessary(tmp_path):
     res = torchrun(["moe_forward_ep2"], tmp_path, skip="alltoall_split_sizes")
     for rank in range(2):
@@ -370,6 +380,7 @@ def test_alltoall_split_sizes_necessary(tmp_path):
 
 @pytest.mark.distributed
 @pytest.mark.timeout(150)
+@pytest.mark.slow
 def test_alltoall_split_sizes_ep2_equals_single_process(dist_all):
     for rank in range(2):
         _ok(dist_all[("moe_forward_ep2", rank)], f"moe_forward_ep2 rank {rank}")
@@ -380,6 +391,7 @@ def test_alltoall_split_sizes_ep2_equals_single_process(dist_all):
 
 @pytest.mark.distributed
 @pytest.mark.timeout(150)
+@pytest.mark.slow
 def test_gloo_uneven_collectives_necessary(tmp_path):
     res = torchrun(["uneven_collectives", "moe_forward_etp2"], tmp_path,
                    skip="gloo_uneven_collectives")
@@ -398,6 +410,7 @@ def test_gloo_uneven_collectives_necessary(tmp_path):
 
 @pytest.mark.distributed
 @pytest.mark.timeout(150)
+@pytest.mark.slow
 def test_gloo_uneven_collectives_values_and_grads(dist_all):
     for rank in range(2):
         sub = _ok(dist_all[("uneven_collectives", rank)])["subops"]
@@ -408,6 +421,7 @@ def test_gloo_uneven_collectives_values_and_grads(dist_all):
 
 @pytest.mark.distributed
 @pytest.mark.timeout(150)
+@pytest.mark.slow
 def test_gloo_uneven_collectives_tp2_ep2_etp2_equals_single_process(dist_4):
     """4 processes: the layout where the dispatcher's expert-TP gathers are uneven."""
     for rank in range(4):
@@ -419,6 +433,7 @@ def test_gloo_uneven_collectives_tp2_ep2_etp2_equals_single_process(dist_4):
 
 @pytest.mark.distributed
 @pytest.mark.timeout(150)
+@pytest.mark.slow
 def test_torch_norm_sequence_parallel_tp2_grads_equal_single_process(dist_all):
     for rank in range(2):
         data = _ok(dist_all[("tp2", rank)], f"tp2 rank {rank}")
@@ -432,6 +447,7 @@ def test_torch_norm_sequence_parallel_tp2_grads_equal_single_process(dist_all):
 
 @pytest.mark.distributed
 @pytest.mark.timeout(150)
+@pytest.mark.slow
 def test_distributed_optimizer_dp2_equals_plain_optimizer(dist_all):
     for rank in range(2):
         data = _ok(dist_all[("distopt", rank)], f"distopt rank {rank}")
@@ -443,6 +459,7 @@ def test_distributed_optimizer_dp2_equals_plain_optimizer(dist_all):
 
 @pytest.mark.distributed
 @pytest.mark.timeout(150)
+@pytest.mark.slow
 def test_interleaved_pp2_vp2_batch_p2p_comm_silently_wrong(dist_all):
     """The SILENT bug force_batch_p2p_comm_off guards against (PP=2, VP=2, gloo)."""
     last = _ok(dist_all[("vpp", 1)], "vpp rank 1")  # the last stage holds the losses
@@ -461,6 +478,7 @@ def test_interleaved_pp2_vp2_batch_p2p_comm_silently_wrong(dist_all):
 
 @pytest.mark.distributed
 @pytest.mark.timeout(150)
+@pytest.mark.slow
 def test_cuda_factories_fully_parallel_checkpoint_load(dist_all):
     """torch_dist save with the fully parallel wrapper, then loads (plain, broadcast exchange
     through the Tensor.cuda scope, gather_object) restore the exact weights."""

@@ -283,6 +283,7 @@ def test_stop_request_from_signal_or_file(tmp_path, monkeypatch):
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_every_rank_sees_a_stop_request_of_one(torchrun, tmp_path):
     """A signal that reached one rank stops all of them at the same step (the all-reduce)."""
     torchrun(REPO / "tests" / "slurm" / "signals_worker.py", [tmp_path], nproc=2, timeout=120)

@@ -3,7 +3,6 @@
 import json
 import math
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SMALL_EXPERIMENT as SMALL, clean_env
+from conftest import REPO, SMALL_EXPERIMENT as SMALL, clean_env, replay_hint
 
 def nemo_run(rd, *extra, check=True, timeout=1200):
     proc = subprocess.run([sys.executable, "-m", "nemo_btx.cli", "run", f"run.dir={rd}", *SMALL, *extra],
@@ -30,13 +29,13 @@ def load(overrides=()):
 # ---------------------------------------------------------------- plan and selection (fast)
 
 def test_plan_orders_every_stage_and_model(tmp_path):
-    from nemo_btx.stages.pipeline import STAGES, plan
+    from nemo_btx.orchestration.units import STAGES, plan
 
     units = plan(load([f"run.dir={tmp_path}"]))
     names = [u.name for u in units]
     assert names[:6] == ["data", "seed", "branch", "experts:code", "experts:math", "experts:wiki"]
     assert names[6:9] == ["mix", "finetune", "upcycle"]
-    assert names[9:12] == ["baselines:upcycle_data", "baselines:upcycle_compute", "baselines:dense_compute"]
+    assert names[9:12] == ["baselines:upcycle-data", "baselines:upcycle-compute", "baselines:dense"]
     assert names[12:] == ["eval:seed", "eval:expert-code", "eval:expert-math", "eval:expert-wiki",
                           "eval:btm-top1", "eval:btm-top2", "eval:upcycle-data", "eval:upcycle-compute",
                           "eval:dense", "eval:btx", "report"]
@@ -44,17 +43,17 @@ def test_plan_orders_every_stage_and_model(tmp_path):
     order = [STAGES.index(u.stage) for u in units]
     assert order == sorted(order)
     # Without upcycling baselines there is no upcycle stage and no upcycled model to evaluate.
-    names = [u.name for u in plan(load([f"run.dir={tmp_path}", "baselines.which=[dense_compute]"]))]
+    names = [u.name for u in plan(load([f"run.dir={tmp_path}", "baselines.which=[dense]"]))]
     assert "upcycle" not in names and "eval:upcycle-data" not in names and "eval:dense" in names
 
 
 def test_select_from_and_only(tmp_path):
     from nemo_btx.errors import ConfigError
-    from nemo_btx.stages.pipeline import plan, select
+    from nemo_btx.orchestration.units import plan, select
 
     units = plan(load([f"run.dir={tmp_path}"]))
     assert [u.name for u in select(units, "finetune", None)][:3] == ["finetune", "upcycle",
-                                                                   "baselines:upcycle_data"]
+                                                                   "baselines:upcycle-data"]
     assert select(units, "finetune", None)[-1].name == "report"
     assert [u.name for u in select(units, None, "eval:btx,report")] == ["eval:btx", "report"]
     assert [u.name for u in select(units, None, "experts")] == ["experts:code", "experts:math",
@@ -70,7 +69,7 @@ def test_select_from_and_only(tmp_path):
 
 
 def test_multi_rank_layouts_run_under_torchrun(tmp_path):
-    from nemo_btx.stages.pipeline import command, nproc_of, plan
+    from nemo_btx.orchestration.units import command, nproc_of, plan
 
     assert nproc_of("ep2", SMALL, "config") == 2
     assert nproc_of(None, SMALL, "config") == 1
@@ -85,7 +84,9 @@ def test_multi_rank_layouts_run_under_torchrun(tmp_path):
 
 
 def test_move_aside_keeps_outputs_and_the_branched_seed(tmp_path):
-    from nemo_btx.stages.pipeline import move_aside, plan, select
+    from nemo_btx.orchestration.local import move_aside
+    from nemo_btx.orchestration.units import plan, select
+    from nemo_btx.run_dir import RunDir
 
     units = plan(load([f"run.dir={tmp_path}"]))
     (tmp_path / "experts" / "math" / "init").mkdir(parents=True)
@@ -93,7 +94,7 @@ def test_move_aside_keeps_outputs_and_the_branched_seed(tmp_path):
     (tmp_path / "experts" / "math" / "manifest.json").write_text("{}")
     (tmp_path / "btx" / "mixed").mkdir(parents=True)
     (tmp_path / "btx" / "mixed" / "manifest.json").write_text("{}")
-    stamp = move_aside(select(units, "experts:math", None), tmp_path)
+    stamp = move_aside(select(units, "experts:math", None), RunDir(tmp_path))
     assert (tmp_path / "experts" / "math" / "init").is_dir()
     assert not (tmp_path / "experts" / "math" / "manifest.json").exists()
     assert (stamp / "experts" / "math" / "manifest.json").is_file()
@@ -103,7 +104,7 @@ def test_move_aside_keeps_outputs_and_the_branched_seed(tmp_path):
 
 def test_refuses_a_run_dir_of_another_experiment(tmp_path):
     from nemo_btx.errors import ConfigError
-    from nemo_btx.stages.pipeline import _check_same_experiment
+    from nemo_btx.orchestration.experiment import check_same_experiment as _check_same_experiment
 
     _check_same_experiment(load([f"run.dir={tmp_path}"]), tmp_path, redo=False)
     # Where a stage runs does not change what it computes.
@@ -158,7 +159,7 @@ def uninterrupted(small_experiment):
 @pytest.mark.distributed
 @pytest.mark.timeout(1500)
 def test_run_completes_every_stage(uninterrupted):
-    from nemo_btx.stages.pipeline import plan
+    from nemo_btx.orchestration.units import plan
 
     rd, _, proc = uninterrupted
     cfg = load([f"run.dir={rd}"])
@@ -184,15 +185,14 @@ def test_run_completes_every_stage(uninterrupted):
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.timeout(2400)
-def test_kill_then_rerun_equals_uninterrupted(uninterrupted, tmp_path):
+def test_kill_then_rerun_equals_uninterrupted(uninterrupted, tmp_path, test_rng):
     """Killed (SIGKILL, children included) at random moments, then run again: the same
     numbers everywhere as a run that was never interrupted."""
     ref_dir, took, _ = uninterrupted
     rd = tmp_path / "tiny"
-    rng = random.Random()
     kills = []
     for _ in range(2):
-        when = rng.uniform(3, took * 0.8)
+        when = test_rng.uniform(3, took * 0.8)
         proc = subprocess.Popen([sys.executable, "-m", "nemo_btx.cli", "run", f"run.dir={rd}", *SMALL],
                                 cwd=REPO, env=clean_env(), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
@@ -202,12 +202,13 @@ def test_kill_then_rerun_equals_uninterrupted(uninterrupted, tmp_path):
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
             kills.append(round(when, 1))
-    assert kills, "the run finished before any kill: nothing was tested"
+    print(f"killed at {kills} s ({replay_hint()})")
+    assert kills, f"the run finished before any kill: nothing was tested ({replay_hint()})"
     nemo_run(rd)
     got, ref = final_numbers(rd), final_numbers(ref_dir)
-    assert got.keys() == ref.keys(), f"killed at {kills} s"
+    assert got.keys() == ref.keys(), f"killed at {kills} s ({replay_hint()})"
     for key in ref:
-        assert got[key] == ref[key], f"{key} differs after kills at {kills} s"
+        assert got[key] == ref[key], f"{key} differs after kills at {kills} s ({replay_hint()})"
     report = json.loads((rd / "report" / "report.json").read_text())
     ref_report = json.loads((ref_dir / "report" / "report.json").read_text())
     assert without_times(report["tables"]) == without_times(ref_report["tables"])

@@ -2,7 +2,6 @@
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, clean_env, run_torchrun
+from conftest import REPO, clean_env, replay_hint, run_torchrun
 
 WORKER = REPO / "tests" / "training" / "loop_worker.py"
 TINY = ["model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128",
@@ -66,20 +65,21 @@ def uninterrupted(tmp_path_factory):
     return out
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_kill9_then_resume_equals_uninterrupted(uninterrupted, tmp_path):
-    step = random.Random().randint(2, 10)
+def test_kill9_then_resume_equals_uninterrupted(uninterrupted, tmp_path, test_rng):
+    step = test_rng.randint(2, 10)
+    killed = f"killed at step {step} ({replay_hint()})"
+    print(killed)
     kill_at(tmp_path, step)
     run(tmp_path)
     ref_train, ref_valid = losses(uninterrupted)
     got_train, got_valid = losses(tmp_path)
-    assert got_train == ref_train, f"killed at step {step}"
-    assert got_valid == ref_valid
+    assert got_train == ref_train, killed
+    assert got_valid == ref_valid, killed
     a, b = weights(uninterrupted), weights(tmp_path)
     assert a.keys() == b.keys()
     for key in a:
-        assert torch.equal(a[key], b[key]), f"{key} differs after kill at step {step}"
+        assert torch.equal(a[key], b[key]), f"{key} differs: {killed}"
     ledger = [json.loads(x) for x in (tmp_path / "ledger.jsonl").read_text().splitlines()]
     assert ledger[-1]["steps"] == [0, 12] and ledger[-1]["segment"]["steps"][1] == 12
     ref_ledger = json.loads((uninterrupted / "ledger.jsonl").read_text().splitlines()[-1])
