@@ -7,7 +7,8 @@ orchestration (`run`, `launch`, the Slurm scripts), evaluation, export and the r
     ledger.jsonl             compute ledger: one line per finished training segment
     logs/<unit>.log          `run`'s per-unit logs;  replaced/<time>/  what --from/--only moved
     slurm/                   `launch`: scripts, jobs.json, events.jsonl, logs/, stop/
-    tokenizer/  data/        stage `data` (data/manifest.json last)
+    tokenizer/               stage `tokenizer` (meta.json last)
+    data/<domain>/           stage `data` (the merge; manifest.json last), parts/ from `tokenize`
     seed/                    stage `seed`
     experts/<d>/init         stage `branch` (a copy of the seed's weights)
     experts/<d>/             stage `train-expert`
@@ -170,7 +171,15 @@ class RunDir:
         return self.root / "data"
 
     def data_domain(self, domain: str) -> Path:
+        """A domain's datasets (train/valid .bin/.idx) and its manifest, written last by its merge."""
         return self.data / domain
+
+    def data_manifest(self, domain: str) -> Path:
+        return self.data_domain(domain) / MANIFEST
+
+    def data_parts(self, domain: str) -> Path:
+        """The domain's tokenized pieces before the merge (`<id>.{train,valid}.{bin,idx}`, `<id>.json`)."""
+        return self.data_domain(domain) / "parts"
 
     @property
     def seed(self) -> Path:

@@ -151,13 +151,24 @@ class DomainConfig:
     name: str = "???"
     """Directory name under <run.dir>/data/ and the expert's name (code, math, wiki, ...)."""
     source: str = "builtin"
-    """builtin = the embedded offline corpus of that name; otherwise a path or glob of .jsonl
-    (one document per line, field `text_key`) or plain-text files (one document per file)."""
+    """builtin = the embedded offline corpus of that name; otherwise a file, directory or glob of
+    .jsonl / .jsonl.gz / .jsonl.zst (one document per line, field `text_key`), .parquet (column
+    `text_key`, read in record batches) or plain-text files (one document per file, .gz/.zst
+    too). Ignored when `prefix` is set."""
+    prefix: Optional[str] = None
+    """An existing megatron-core indexed dataset to use as this domain's text (the path prefix
+    of its .bin/.idx, e.g. Megatron-LM's tools/preprocess_data.py output
+    `/data/math_text_document`), already tokenized with the run's tokenizer: checked (every id
+    below the vocabulary) and read in place, nothing copied."""
+    valid_prefix: Optional[str] = None
+    """With `prefix`: the held-out documents as another indexed dataset; null = carve them out of
+    `prefix` by document (the same hash rule as for text, on the document's position)."""
     text_key: str = "text"
     weight: float = 1.0
     """Share of this domain in the general mixture (normalised over domains); > 0."""
     max_documents: Optional[int] = None
-    """Cap on documents read, >= 2: one to train on, one held out (null = all)."""
+    """Cap on documents read, >= 2: one to train on, one held out (null = all). A capped domain
+    is read by one worker, in order."""
 
 
 @dataclass(kw_only=True)
@@ -171,6 +182,9 @@ class TokenizerConfig:
     """End-of-document token appended after every document. null = <|endoftext|> for kind=bpe;
     for kind=hf the first of <|endoftext|>, </s>, <|end_of_text|>, <eos>, <|eot_id|> the
     tokenizer knows."""
+    sample_chars: Optional[int] = 4_000_000
+    """kind=bpe: characters of each domain's training split the BPE is trained on (the first
+    ones, in the domain's order; bounded memory); null = all of it (small corpora only)."""
 
 
 @dataclass(kw_only=True)
@@ -181,11 +195,43 @@ class DataConfig:
         DomainConfig(name="code"), DomainConfig(name="math"), DomainConfig(name="wiki")])
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     valid_fraction: float = 0.05
-    """Share of each domain's documents held out for validation (at least one document)."""
+    """Share of each domain's documents held out for validation, decided per document from a
+    hash of its text, `data.seed` and the domain (nemo_btx/data/documents.py); a domain must end
+    with at least one document on each side."""
     max_chars_per_domain: Optional[int] = 4_000_000
-    """Cap on characters read per domain (the tiny default keeps data building to seconds)."""
+    """Cap on characters read per domain (the tiny default keeps data building to seconds); the
+    document that crosses it is cut. A capped domain is read by one worker, in order."""
     eval_iters: int = 4
     """Validation batches per domain at each evaluation."""
+    workers: Optional[int] = None
+    """Worker processes that tokenize chunks at once in one data unit; null = the CPUs this
+    process may use. The output does not depend on it (chunks are fixed by `chunk_size`)."""
+    chunk_size: str = "64MB"
+    """Input bytes per chunk: the piece of a domain one worker tokenizes into one partial dataset
+    (a .jsonl byte range, parquet row groups, a group of text files; a compressed file is one
+    chunk). Bounds a worker's memory, with `buffer_size`. Changing it changes nothing in the
+    final data but makes every chunk new."""
+    unit_size: str = "20GB"
+    """Input bytes per tokenize unit: `nemo-btx launch` runs one Slurm array task per unit and
+    per domain, `run` one process; a re-run redoes only units whose inputs changed."""
+    buffer_size: str = "16MB"
+    """Text a worker collects before one batched encode call."""
+    dedup: str = choice("chunk", "chunk", "none")
+    """chunk: drop exact repeats of a document within its chunk (16 bytes of memory per document
+    of a chunk); none: keep them. Either way a repeat lands on the same side of the split."""
+    skip_bad_records: bool = False
+    """false: a malformed record (invalid JSON, missing text field, bad UTF-8) stops the unit with
+    one line naming file and line/row; true: skip it and count it in the domain's manifest."""
+    keep_parts: bool = True
+    """Keep the per-chunk partial datasets after the merge, so that a changed input re-tokenizes
+    only its unit (costs the dataset's size again on disk); false deletes them."""
+    step: str = choice("all", "all", "tokenizer", "tokenize", "merge", "domain")
+    """`nemo-btx data`: all (tokenizer, every unit with `workers` processes, every merge), or one
+    unit of the plan: tokenizer; tokenize (data.unit=<domain>:<k>); merge (domain=<name>: the
+    domain's tokenized pieces into its datasets); domain (domain=<name>: its pieces, then the
+    merge, in one process: what `run`/`launch` use for a domain of a single unit)."""
+    unit: Optional[str] = None
+    """data.step=tokenize: the unit, <domain>:<k> (the units of `nemo-btx run`/`launch`)."""
     seed: int = 1234
     """Seed of the data itself: the order of the builtin code corpus, the generated math problems,
     the train/valid split and the validation batches. Separate from train.seed so that runs with
@@ -420,6 +466,10 @@ class ClusterConfig:
     """Nodes of each GPU training job whose layout leaves parallel.world_size null: its world
     size is nodes x gpus_per_node (data parallel grows with it). A layout that sets
     parallel.world_size gets world_size / gpus_per_node nodes (per-stage sizes: run.layouts)."""
+    data_cpus: Optional[int] = None
+    """CPUs of each data job (tokenizer, tokenize units, merges), whose worker processes tokenize
+    one chunk per core; null = cpus_per_process x gpus_per_node (a node's worth), or
+    cpus_per_process on a CPU cluster."""
     cpus_per_process: int = 1
     """CPU cores per process (per GPU on a GPU cluster); a node's task asks for this times the
     processes it runs. Also the jobs' OMP_NUM_THREADS."""

@@ -351,6 +351,15 @@ def check_data(cfg: ExperimentConfig) -> None:
         if dom.max_documents is not None and dom.max_documents < 2:
             raise ConfigError(f"{key}.max_documents", dom.max_documents,
                               "must be >= 2 (one document to train on, one held out), or null")
+        if dom.valid_prefix is not None and dom.prefix is None:
+            raise ConfigError(f"{key}.valid_prefix", dom.valid_prefix, "needs data.domains.<i>.prefix "
+                              "(the held-out documents of an existing dataset)")
+        if dom.prefix is not None:
+            for pkey, prefix in ((f"{key}.prefix", dom.prefix), (f"{key}.valid_prefix", dom.valid_prefix)):
+                if prefix is not None and not all(Path(f"{prefix}.{ext}").is_file() for ext in ("bin", "idx")):
+                    raise ConfigError(pkey, prefix, "must be the path prefix of a megatron indexed dataset: "
+                                      f"{prefix}.bin and {prefix}.idx must exist")
+            continue
         if dom.source == "builtin":
             if dom.name not in BUILTIN:
                 raise ConfigError(f"{key}.source", dom.source,
@@ -366,6 +375,21 @@ def check_data(cfg: ExperimentConfig) -> None:
         raise ConfigError("data.valid_fraction", d.valid_fraction, "must be between 0 and 1 (exclusive)")
     _positive("data.max_chars_per_domain", d.max_chars_per_domain, null=True)
     _positive("data.eval_iters", d.eval_iters)
+    _positive("data.workers", d.workers, null=True)
+    from nemo_btx.config.sizes import parse_size
+
+    for key in ("chunk_size", "unit_size", "buffer_size"):
+        value = getattr(d, key)
+        try:
+            ok = parse_size(value) >= 1
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"data.{key}", value, "must be a size: bytes, or with a unit (KB, MB, GB; "
+                              "powers of 1000), e.g. 64MB")
+    if d.unit is not None and d.step != "tokenize":
+        raise ConfigError("data.unit", d.unit, "only data.step=tokenize takes a unit")
+    _positive("data.tokenizer.sample_chars", d.tokenizer.sample_chars, null=True)
     tok = d.tokenizer
     if tok.kind == "hf":
         if not tok.path:
@@ -492,6 +516,7 @@ def check_cluster(cfg: ExperimentConfig) -> None:
     if c.gpus_per_node < 0:
         raise ConfigError("cluster.gpus_per_node", c.gpus_per_node, "must be >= 0 (0 = a CPU cluster)")
     _positive("cluster.nodes", c.nodes)
+    _positive("cluster.data_cpus", c.data_cpus, null=True)
     if c.gpus_per_node == 0 and c.nodes != 1:
         raise ConfigError("cluster.nodes", c.nodes,
                           "a CPU cluster (cluster.gpus_per_node=0) runs every job on one node")

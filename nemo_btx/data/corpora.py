@@ -18,9 +18,14 @@ domains are text that installed packages already hold, in an order fixed by `dat
   gensim's code is LGPL-2.1, used here as a library.
 
 A user domain (``data.domains.<i>.source`` not ``builtin``) is a file, a directory or a glob of
-``.jsonl`` files (one JSON object per line, text in ``text_key``) or plain-text files (one
-document per file); ``.gz`` versions of either are read transparently. `resolve_sources` checks
-every domain before anything is read, so a typo fails in milliseconds with the key named.
+inputs in any format `nemo_btx.data.readers` reads (.jsonl, .jsonl.gz, .jsonl.zst, .parquet,
+plain text). `resolve_sources` checks every domain before anything is read, so a typo fails in
+milliseconds with the key named. A domain given as an existing megatron dataset
+(``data.domains.<i>.prefix``) has no source to resolve.
+
+Large user domains are cut into chunks that workers read in parallel (nemo_btx/data/plan.py);
+`iter_stream` is the whole domain read in order, used for builtin corpora and for a capped
+domain (a cap is a prefix of the stream).
 """
 
 from __future__ import annotations
@@ -28,11 +33,8 @@ from __future__ import annotations
 import bz2
 import functools
 import glob
-import gzip
 import hashlib
 import importlib.util
-import io
-import json
 import logging
 import platform
 import random
@@ -121,6 +123,10 @@ def resolve_sources(data: DataConfig) -> List[DomainSource]:
                               "must be >= 2 (one document to train on, one held out) or null")
         if dom.weight < 0:
             raise ConfigError(f"data.domains.{i}.weight", dom.weight, "must be >= 0")
+        if dom.prefix is not None:
+            out.append(DomainSource(i, dom.name, False, provenance={"kind": "megatron", "prefix": dom.prefix,
+                                                                    "valid_prefix": dom.valid_prefix}))
+            continue
         out.append(_resolve_one(i, dom, data))
     return out
 
@@ -179,23 +185,28 @@ def _sha256(path: Path) -> str:
 # --------------------------------------------------------------------------- reading
 
 
-def iter_documents(src: DomainSource, data: DataConfig) -> Iterator[str]:
-    """The domain's documents in their fixed order, stopped at the configured caps.
+def iter_stream(src: DomainSource, data: DataConfig, *, skip_bad: bool = False,
+                bad=None) -> Iterator[str]:
+    """The domain's non-empty documents in their fixed order, stopped at the configured caps.
 
     `data.max_chars_per_domain` is a budget over the whole domain: the document that crosses it is
     cut at the budget (a cut code file or article is still good training text), then reading stops.
-    Empty documents and exact repeats of an earlier document are skipped.
     """
     if src.builtin:
         docs = {"code": code_documents, "math": math_documents, "wiki": wiki_documents}[src.name](data.seed)
     else:
-        docs = _user_documents(src)
+        from nemo_btx.data import readers
+
+        docs = (doc for chunk in readers.plan_chunks([str(f) for f in src.files], 1 << 62)
+                for doc in readers.read_chunk(chunk, text_key=src.text_key, skip_bad=skip_bad, bad=bad,
+                                              where_key=f"data.domains.{src.index}"))
     return _capped(docs, src.max_documents, data.max_chars_per_domain)
 
 
 def read_documents(src: DomainSource, data: DataConfig) -> List[str]:
-    """All of a domain's (capped) documents, checked to be enough for a train and a valid split."""
-    docs = list(iter_documents(src, data))
+    """All of a (small, capped) domain's documents in a list: for tests and inspection only; the
+    data stage streams (nemo_btx/data/shards.py)."""
+    docs = list(iter_stream(src, data))
     if len(docs) < 2:
         raise ConfigError(src.key, src.provenance.get("source", "builtin"),
                           f"holds {len(docs)} non-empty document{'s' if len(docs) != 1 else ''}; "
@@ -204,20 +215,13 @@ def read_documents(src: DomainSource, data: DataConfig) -> List[str]:
 
 
 def _capped(docs: Iterable[str], max_documents: Optional[int], max_chars: Optional[int]) -> Iterator[str]:
-    """Non-empty, first-seen documents up to the caps.
-
-    Exact duplicates are dropped: a document present twice could land in both the train and the
-    valid split, and held-out perplexity would then measure memorisation.
-    """
+    """Non-empty documents up to the caps."""
     count = chars = 0
-    seen = set()
+    if max_documents == 0 or max_chars == 0:
+        return
     for doc in docs:
         if not doc.strip():
             continue
-        digest = hashlib.blake2b(doc.encode("utf-8", "surrogatepass"), digest_size=16).digest()
-        if digest in seen:
-            continue
-        seen.add(digest)
         if max_chars is not None and chars + len(doc) > max_chars:
             doc = doc[:max_chars - chars]
         yield doc
@@ -226,45 +230,6 @@ def _capped(docs: Iterable[str], max_documents: Optional[int], max_chars: Option
         if (max_documents is not None and count >= max_documents) or \
                 (max_chars is not None and chars >= max_chars):
             return
-
-
-def _open_text(path: Path) -> io.TextIOBase:
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
-def _user_documents(src: DomainSource) -> Iterator[str]:
-    for path in src.files:
-        name = path.name[:-3] if path.name.endswith(".gz") else path.name
-        try:
-            if name.endswith(".jsonl"):
-                yield from _jsonl_documents(src, path)
-            else:
-                with _open_text(path) as f:
-                    yield f.read()
-        except UnicodeDecodeError as err:
-            raise BtxError(f"{src.key}: {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
-
-
-def _jsonl_documents(src: DomainSource, path: Path) -> Iterator[str]:
-    key = src.text_key
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise BtxError(f"{src.key}: {path}:{lineno} is not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict) or key not in row:
-                fields = ", ".join(row) if isinstance(row, dict) else type(row).__name__
-                raise ConfigError(f"data.domains.{src.index}.text_key", key,
-                                  f"{path}:{lineno} has no field '{key}' (it has: {fields})")
-            if not isinstance(row[key], str):
-                raise ConfigError(f"data.domains.{src.index}.text_key", key,
-                                  f"{path}:{lineno}: field '{key}' is {type(row[key]).__name__}, not a string")
-            yield row[key]
 
 
 # --------------------------------------------------------------------------- builtin: code

@@ -86,10 +86,10 @@ def _dist_rank() -> Optional[int]:
     return None
 
 
-def _manifest_and_hash(run_dir) -> tuple:
-    path = indexed.manifest_path(run_dir)
-    manifest = indexed.require_manifest(run_dir)
-    return manifest, hashlib.sha256(path.read_bytes()).hexdigest()
+def _manifest_and_hash(run_dir, domains: Sequence[str]) -> tuple:
+    """The datasets of `domains` and a hash of their manifests (index caches are keyed by it)."""
+    manifest = indexed.require_manifest(run_dir, domains)
+    return manifest, hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
 
 
 def _cached(run_dir, description: dict, build: Callable[[Optional[str]], object]):
@@ -142,20 +142,25 @@ def _gpt_config(cfg: ExperimentConfig, manifest: dict, prefixes: List[str], weig
         create_attention_mask=False, mid_level_dataset_surplus=_SURPLUS)
 
 
-def _gpt_dataset(prefix: str, num_samples: int, index_split, config):
+def _gpt_dataset(prefix: str, num_samples: int, index_split, config, docs: Optional[np.ndarray] = None):
+    """megatron's GPTDataset over the documents `docs` of one .bin/.idx (default: all of them; a
+    domain carved out of an existing dataset reads only its split's documents)."""
     from megatron.core.datasets.gpt_dataset import GPTDataset
 
     low = GPTDataset.build_low_level_dataset(prefix, config)
-    docs = np.arange(GPTDataset.numel_low_level_dataset(low), dtype=np.int32)
+    if docs is None:
+        docs = np.arange(GPTDataset.numel_low_level_dataset(low), dtype=np.int32)
     return GPTDataset(low, prefix, docs, num_samples, index_split, config)
 
 
 def _check_tokenizer(run_dir, manifest: dict) -> None:
     from nemo_btx.data.tokenizer import load_tokenizer
 
-    if load_tokenizer(run_dir).sha256 != manifest["tokenizer"]["sha256"]:
-        raise BtxError(f"{run_dir}/tokenizer does not match the tokenizer the data manifest was "
-                       "built with: rerun the data stage")
+    sha = load_tokenizer(run_dir).sha256
+    for name, entry in manifest["domains"].items():
+        if entry["tokenizer"]["sha256"] != sha:
+            raise BtxError(f"{run_dir}/tokenizer does not match the tokenizer the data of '{name}' was "
+                           "built with: rerun the data stage")
 
 
 def _row(sample: dict) -> torch.Tensor:
@@ -187,12 +192,13 @@ class TrainData:
         self.weights = self._weights(cfg, self.domains, weights)
         self.global_batch_size = cfg.train.global_batch_size
         self.num_samples = cfg.train.train_iters * cfg.train.global_batch_size
-        manifest, manifest_hash = _manifest_and_hash(run_dir)
+        manifest, manifest_hash = _manifest_and_hash(run_dir, self.domains)
         _check_tokenizer(run_dir, manifest)
         check_vocab(SimpleNamespace(vocab_size=manifest["tokenizer"]["vocab_size"]), cfg.model)  # type: ignore[arg-type]
         # Domains with weight 0 take no part; `_members` maps blend positions back to `domains`.
         self._members = [i for i, w in enumerate(self.weights) if w > 0]
         prefixes = [indexed.dataset_prefix(run_dir, self.domains[i], "train", manifest) for i in self._members]
+        subsets = [indexed.document_subset(run_dir, self.domains[i], "train", manifest) for i in self._members]
         weights = [self.weights[i] for i in self._members]
         targets = [math.ceil(self.num_samples * w) for w in weights]
         sizes = [math.ceil(t * (1 + _SURPLUS)) for t in targets] if len(prefixes) > 1 else [self.num_samples]
@@ -203,7 +209,8 @@ class TrainData:
         def build(cache: Optional[str]):
             config = _gpt_config(cfg, manifest, prefixes, weights if len(prefixes) > 1 else None,
                                  cfg.train.seed, "1,0,0", cache)
-            parts = [_gpt_dataset(p, n, Split.train, config) for p, n in zip(prefixes, sizes)]
+            parts = [_gpt_dataset(p, n, Split.train, config, docs)
+                     for p, n, docs in zip(prefixes, sizes, subsets)]
             return parts
 
         self._parts = _cached(run_dir, description, build)
@@ -268,9 +275,10 @@ def validation_batches(cfg: ExperimentConfig, run_dir, domain: str, num_batches:
 
     if num_batches < 1:
         raise ConfigError("data.eval_iters", num_batches, "must be >= 1")
-    manifest, manifest_hash = _manifest_and_hash(run_dir)
+    manifest, manifest_hash = _manifest_and_hash(run_dir, [domain])
     _check_tokenizer(run_dir, manifest)
     prefix = indexed.dataset_prefix(run_dir, domain, "valid", manifest)
+    subset = indexed.document_subset(run_dir, domain, "valid", manifest)
     b, seq = cfg.train.global_batch_size, cfg.model.seq_length
     tokens = manifest["domains"][domain]["splits"]["valid"]["tokens"]
     if tokens < seq + 1:
@@ -282,7 +290,7 @@ def validation_batches(cfg: ExperimentConfig, run_dir, domain: str, num_batches:
 
     def build(cache: Optional[str]):
         config = _gpt_config(cfg, manifest, [prefix], None, cfg.data.seed, "0,1,0", cache)
-        return _gpt_dataset(prefix, num_samples, Split.valid, config)
+        return _gpt_dataset(prefix, num_samples, Split.valid, config, subset)
 
     dataset = _cached(run_dir, description, build)
     return [torch.stack([_row(dataset[i]) for i in range(k * b, (k + 1) * b)]).long()

@@ -67,6 +67,22 @@ class Tokenizer:
         """`encode` over many documents at once (parallel in the Rust library)."""
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
+    def encode_documents(self, texts: List[str]) -> List[List[int]]:
+        """The ids each document is stored as in a dataset: its text, then the end-of-document
+        id. The one place where the encoding of a document is decided (data building for every
+        domain and worker goes through it)."""
+        out = self.encode_batch(texts)
+        for ids in out:
+            ids.append(self.eod_id)
+        return out
+
+    @property
+    def dataset_dtype(self):
+        """The .bin dtype megatron-core picks for this vocabulary (uint16 below 65,500 ids)."""
+        from megatron.core.datasets.indexed_dataset import DType
+
+        return DType.optimal_dtype(self.vocab_size)
+
     def decode(self, ids: List[int]) -> str:
         """Text of `ids`; special tokens (such as the end-of-document token) are kept as text."""
         return self._tok.decode(list(ids), skip_special_tokens=False)
@@ -156,7 +172,7 @@ def tokenizer_dir(run_dir) -> Path:
     return RunDir(run_dir).tokenizer
 
 
-def save_tokenizer(tokenizer: Tokenizer, run_dir) -> Path:
+def save_tokenizer(tokenizer: Tokenizer, run_dir, fingerprint: Optional[dict] = None) -> Path:
     """Write `<run_dir>/tokenizer/` (tokenizer.json + meta.json) atomically; return its path.
 
     The directory is assembled under a temporary name and renamed into place, so a reader sees
@@ -169,7 +185,8 @@ def save_tokenizer(tokenizer: Tokenizer, run_dir) -> Path:
         (tmp / TOKENIZER_FILE).write_text(text, encoding="utf-8")
         write_json_atomic(tmp / META_FILE, {
             "kind": tokenizer.kind, "eod_token": tokenizer.eod_token, "eod_id": tokenizer.eod_id,
-            "vocab_size": tokenizer.vocab_size, "sha256": tokenizer.sha256})
+            "vocab_size": tokenizer.vocab_size, "sha256": tokenizer.sha256,
+            "fingerprint": fingerprint})
         if final.exists():
             old = final.with_name(f".{final.name}.old.{os.getpid()}")
             os.replace(final, old)
@@ -181,6 +198,14 @@ def save_tokenizer(tokenizer: Tokenizer, run_dir) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def tokenizer_meta(run_dir) -> Optional[dict]:
+    """The saved tokenizer's meta.json (sha256, vocabulary, fingerprint), or None."""
+    try:
+        return read_json(tokenizer_dir(run_dir) / META_FILE)
+    except (OSError, ValueError):
+        return None
 
 
 def load_tokenizer(run_dir) -> Tokenizer:

@@ -233,13 +233,15 @@ def domain_samples(run_dir, domains: Sequence[str], *, max_docs: int = 64, max_t
     """Up to `max_docs` training documents (first `max_tokens` ids each) per domain."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    from nemo_btx.data.indexed import dataset_prefix
+    from nemo_btx.data.indexed import dataset_prefix, document_subset
 
     out = []
     for d in domains:
         ds = IndexedDataset(dataset_prefix(run_dir, d, "train"))
-        step = max(1, len(ds) // max_docs)
-        out.append([np.asarray(ds[i][:max_tokens]).tolist() for i in range(0, len(ds), step)[:max_docs]])
+        subset = document_subset(run_dir, d, "train")
+        docs = np.arange(len(ds)) if subset is None else subset
+        step = max(1, len(docs) // max_docs)
+        out.append([np.asarray(ds[int(i)][:max_tokens]).tolist() for i in docs[::step][:max_docs]])
     return out
 
 

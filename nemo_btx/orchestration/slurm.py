@@ -35,9 +35,11 @@ from nemo_btx.orchestration.units import (
 from nemo_btx.run_dir import RunDir
 
 #: Stages with one array task per unit.
-ARRAY_STAGES = ("experts", "baselines", "eval")
+ARRAY_STAGES = ("tokenize", "data", "experts", "baselines", "eval")
 #: Stages that need no GPU (on a GPU cluster they go to cluster.cpu_partition).
-CPU_STAGES = ("data", "branch", "report")
+CPU_STAGES = ("tokenizer", "tokenize", "data", "branch", "report")
+#: CPU stages whose process uses many cores (worker processes): cluster.data_cpus each.
+DATA_STAGES = ("tokenizer", "tokenize", "data")
 SUBMIT_SCRIPT = "submit.sh"
 
 
@@ -165,7 +167,7 @@ def build_jobs(cfg: ExperimentConfig, overrides: Sequence[str] = (), config_name
         gpu = res["gpus_per_node"] > 0
         jobs.append(Job(
             index=len(jobs) + 1, stage=stage, units=group, layout=layout,
-            cpus_per_task=c.cpus_per_process * res["procs_per_node"],
+            cpus_per_task=data_cpus(cfg) if stage in DATA_STAGES else c.cpus_per_process * res["procs_per_node"],
             partition=c.partition if gpu or c.gpus_per_node == 0 else (c.cpu_partition or c.partition),
             time=time_of(cfg, stage),
             todo=[i for i, u in enumerate(group) if id(u) in todo],
@@ -174,6 +176,12 @@ def build_jobs(cfg: ExperimentConfig, overrides: Sequence[str] = (), config_name
     if any(j.todo for j in jobs[:-1]) and jobs[-1].stage == "report":
         jobs[-1].todo = list(range(len(jobs[-1].units)))
     return jobs
+
+
+def data_cpus(cfg: ExperimentConfig) -> int:
+    """CPUs of a data job (its workers tokenize with one core each)."""
+    c = cfg.cluster
+    return c.data_cpus or c.cpus_per_process * max(1, c.gpus_per_node)
 
 
 def time_of(cfg: ExperimentConfig, stage: str) -> str:
@@ -283,7 +291,8 @@ def render_script(job: Job, cfg: ExperimentConfig, target: Target, has_parents: 
     rd = RunDir(target.run_dir(cfg))
     logs = rd.slurm_logs
     lines = ["#!/bin/bash"]
-    what = {"experts": "one array task per domain", "baselines": "one array task per baseline",
+    what = {"tokenize": "one array task per unit of a domain's input", "data": "one array task per domain",
+            "experts": "one array task per domain", "baselines": "one array task per baseline",
             "eval": "one array task per model"}.get(job.stage)
     lines.append(f"# nemo-btx: stage `{job.stage}` of the experiment in {cfg.run.dir}"
                  f"{f' ({what})' if what else ''}.")

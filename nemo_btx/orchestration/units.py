@@ -19,8 +19,8 @@ from nemo_btx.errors import ConfigError
 from nemo_btx.run_dir import CHECKPOINT_MARKER, MANIFEST, REPORT_JSON, RunDir, baseline
 
 #: Stages in pipeline order (the names --from / --only take).
-STAGES = ("data", "seed", "branch", "experts", "mix", "finetune", "upcycle", "baselines", "eval",
-          "report")
+STAGES = ("tokenizer", "tokenize", "data", "seed", "branch", "experts", "mix", "finetune", "upcycle",
+          "baselines", "eval", "report")
 
 
 @dataclass
@@ -57,9 +57,10 @@ def plan(cfg: ExperimentConfig) -> List[Unit]:
     names = [d.name for d in cfg.data.domains]
     layouts = cfg.run.layouts
     experts = tuple(f"experts:{d}" for d in names)
-    units = [
-        Unit("data", None, ["data"], [rd.tokenizer, rd.data], _marker(rd.data / MANIFEST)),
-        Unit("seed", None, ["seed"], [rd.seed], _marker(rd.seed / MANIFEST), ("data",), layouts.seed),
+    units = data_units(cfg)
+    units += [
+        Unit("seed", None, ["seed"], [rd.seed], _marker(rd.seed / MANIFEST),
+             tuple(u.name for u in units if u.stage == "data"), layouts.seed),
         Unit("branch", None, ["branch"], [rd.expert_init(d) for d in names],
              lambda: all((rd.expert_init(d) / CHECKPOINT_MARKER).is_file() for d in names), ("seed",)),
     ]
@@ -91,6 +92,39 @@ def plan(cfg: ExperimentConfig) -> List[Unit]:
                       tuple(u.name for u in evals)))
     _check_graph(units)
     return units
+
+
+def data_units(cfg: ExperimentConfig) -> List[Unit]:
+    """The data stage's units (nemo_btx/data/plan.py): the tokenizer; one tokenize unit per
+    group of a domain's pieces (a Slurm array task each); one merge per domain (`data:<domain>`),
+    which also tokenizes a domain of a single group (one process instead of two)."""
+    from nemo_btx.data.plan import plan_data
+    from nemo_btx.data.shards import marker_path
+    from nemo_btx.stages import data as stage
+
+    rd = RunDir.of(cfg)
+    plans = plan_data(cfg)
+    units = [Unit("tokenizer", None, ["data", "data.step=tokenizer"], [rd.tokenizer],
+                  lambda: stage.tokenizer_done(cfg, plans))]
+    merges = []
+    for plan in plans:
+        if len(plan.units) <= 1:  # tokenized and merged by one process (an external one: checked)
+            step = "merge" if plan.external else "domain"
+            outputs = [marker_path(rd.root, plan.name, p.id) for p in plan.pieces] + [rd.data_manifest(plan.name)]
+            merges.append(Unit("data", plan.name, ["data", f"data.step={step}", f"domain={plan.name}"],
+                               outputs, lambda plan=plan: stage.domain_done(cfg, plan), ("tokenizer",)))
+            continue
+        mine = []
+        for k, item in enumerate(plan.unit_names()):
+            pieces = plan.unit_pieces(k)
+            units.append(Unit("tokenize", item, ["data", "data.step=tokenize", f"data.unit={item}"],
+                              [marker_path(rd.root, plan.name, p.id) for p in pieces],
+                              lambda plan=plan, k=k: stage.unit_done(cfg, plan, k), ("tokenizer",)))
+            mine.append(units[-1].name)
+        merges.append(Unit("data", plan.name, ["data", "data.step=merge", f"domain={plan.name}"],
+                           [rd.data_manifest(plan.name)], lambda plan=plan: stage.domain_done(cfg, plan),
+                           ("tokenizer", *mine)))
+    return units + merges
 
 
 def _eval_done(cfg: ExperimentConfig, name: str) -> Callable[[], bool]:
@@ -154,7 +188,7 @@ def select(units: List[Unit], from_stage: Optional[str], only: Optional[str]) ->
         stage, _, item = spec.partition(":")
         if stage not in STAGES:
             raise ConfigError(flag, spec, f"must be a stage: {', '.join(STAGES)} (optionally STAGE:ITEM)")
-        if not any(matches(u, spec) for u in units):
+        if item and not any(matches(u, spec) for u in units):
             items = [u.item for u in units if u.stage == stage and u.item]
             raise ConfigError(flag, spec, f"no such item; {stage} has: {', '.join(items) or 'no items'}")
 
@@ -162,7 +196,11 @@ def select(units: List[Unit], from_stage: Optional[str], only: Optional[str]) ->
         raise ConfigError("--from", from_stage, "give --from or --only, not both")
     if from_stage:
         check(from_stage, "--from")
-        first = next(i for i, u in enumerate(units) if matches(u, from_stage))
+        if ":" in from_stage:
+            first = next(i for i, u in enumerate(units) if matches(u, from_stage))
+        else:  # a stage without units here (no tokenize units, say) starts at the next one
+            order = STAGES.index(from_stage)
+            first = next((i for i, u in enumerate(units) if STAGES.index(u.stage) >= order), len(units))
         return units[first:]
     if only:
         specs = [s for s in only.split(",") if s]

@@ -23,10 +23,11 @@ def domain_weights(cfg: ExperimentConfig, names: Optional[List[str]] = None) -> 
 
 
 def require_data(cfg: ExperimentConfig) -> None:
-    """Training needs the data stage's output; say which command makes it."""
+    """Training needs the data stage's output for every domain; say which command makes it."""
     rd = RunDir.of(cfg)
-    if not rd.complete(rd.data):
-        raise BtxError(f"{rd.data}: no complete data ({MANIFEST} missing); "
+    missing = [d for d in domain_names(cfg) if not rd.data_manifest(d).is_file()]
+    if missing:
+        raise BtxError(f"{rd.data}: no complete data for {', '.join(missing)} ({MANIFEST} missing); "
                        f"run `nemo-btx data run.dir={cfg.run.dir}` first")
 
 
