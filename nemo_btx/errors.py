@@ -16,6 +16,12 @@ class ConfigError(BtxError, ValueError):
         self.key, self.value, self.allowed = key, value, allowed
         super().__init__(f"{key}={value!r}: {allowed}")
 
+    def __reduce__(self):
+        # Rebuilt from its parts when it crosses a process boundary (a data worker's error comes
+        # back to the pool pickled; from the message alone it could not be rebuilt, and the
+        # pool's result thread would die and hang the stage).
+        return type(self), (self.key, self.value, self.allowed)
+
 
 class CheckpointError(BtxError):
     """A checkpoint is missing, incomplete, corrupt or does not fit the model."""

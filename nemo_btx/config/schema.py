@@ -196,8 +196,8 @@ class DataConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     valid_fraction: float = 0.05
     """Share of each domain's documents held out for validation, decided per document from a
-    hash of its text, `data.seed` and the domain (nemo_btx/data/documents.py); a domain must end
-    with at least one document on each side."""
+    hash of its text, `data.seed` and the domain (nemo_btx/data/documents.py). A domain read as
+    one stream (builtin, capped) always gets a document on each side; a large domain must."""
     max_chars_per_domain: Optional[int] = 4_000_000
     """Cap on characters read per domain (the tiny default keeps data building to seconds); the
     document that crosses it is cut. A capped domain is read by one worker, in order."""
@@ -515,6 +515,10 @@ class ClusterConfig:
     """Extra sbatch options for every job, e.g. [--reservation=btx, --constraint=h100]."""
     dry_run: bool = False
     """Only render the scripts into <run.dir>/slurm/; submit nothing."""
+    only: Optional[List[str]] = None
+    """Submit only these stages or units (STAGE or STAGE:ITEM, e.g. [tokenizer, tokenize, data] to
+    build the data first, or [experts:math]); what is complete is skipped as always. null = the
+    whole chain."""
 
 
 @dataclass(kw_only=True)

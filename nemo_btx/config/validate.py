@@ -361,6 +361,9 @@ def check_data(cfg: ExperimentConfig) -> None:
                                       f"{prefix}.bin and {prefix}.idx must exist")
             continue
         if dom.source == "builtin":
+            if dom.name == "math" and d.max_chars_per_domain is None and dom.max_documents is None:
+                raise ConfigError("data.max_chars_per_domain", None, "the builtin math corpus is generated "
+                                  f"without end: give a cap (or {key}.max_documents)")
             if dom.name not in BUILTIN:
                 raise ConfigError(f"{key}.source", dom.source,
                                   f"there is no builtin corpus named '{dom.name}' (builtin: "

@@ -33,9 +33,30 @@ def _fraction(key: bytes) -> float:
     return int.from_bytes(h, "big") / 2.0 ** 64
 
 
+def split_value(text: str, *, seed: int, domain: str) -> float:
+    """The document's place in [0, 1): held out when below `data.valid_fraction`."""
+    return _fraction(f"nemo-btx-split-{seed}-{domain}\0".encode() + digest(text))
+
+
 def held_out(text: str, *, seed: int, domain: str, fraction: float) -> bool:
     """Whether this document belongs to the validation split."""
-    return _fraction(f"nemo-btx-split-{seed}-{domain}\0".encode() + digest(text)) < fraction
+    return split_value(text, seed=seed, domain=domain) < fraction
+
+
+def one_each_side(values, fraction: float):
+    """For a domain read as one stream (a builtin corpus, a capped domain: small by nature),
+    the position of the one document to move so that both splits have a document, or None:
+    with none held out, the one closest above the threshold joins valid; with all held out, the
+    one closest below it joins train. A large domain is many pieces and keeps the plain rule
+    (it has documents on both sides with certainty for any useful fraction)."""
+    if len(values) < 2:
+        return None
+    held = [v < fraction for v in values]
+    if not any(held):
+        return min(range(len(values)), key=lambda i: values[i])
+    if all(held):
+        return max(range(len(values)), key=lambda i: values[i])
+    return None
 
 
 def held_out_positions(count: int, *, seed: int, domain: str, fraction: float) -> "np.ndarray":

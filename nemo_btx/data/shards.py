@@ -143,6 +143,16 @@ def tokenize_piece(cfg: ExperimentConfig, plan: DomainPlan, piece: Piece, tokeni
         if preemption.requested_locally():
             raise Abandoned()
 
+    moved = None
+    if piece.chunk is None:
+        # The whole (small) domain in one stream: a first pass over the split values finds the
+        # one document to move if a side would be empty (documents.one_each_side).
+        first_pass = documents.Dedup(cfg.data.dedup == "chunk")
+        values = [documents.split_value(t, seed=d.seed, domain=plan.name)
+                  for t in _documents(cfg, plan, piece, readers.BadRecords())
+                  if t.strip() and first_pass.is_new(t)]
+        moved = documents.one_each_side(values, d.valid_fraction)
+    position = -1
     try:
         for text in _documents(cfg, plan, piece, bad):
             if not text.strip():
@@ -150,7 +160,10 @@ def tokenize_piece(cfg: ExperimentConfig, plan: DomainPlan, piece: Piece, tokeni
                 continue
             if not dedup.is_new(text):
                 continue
+            position += 1
             held = documents.held_out(text, seed=d.seed, domain=plan.name, fraction=d.valid_fraction)
+            if position == moved:
+                held = not held
             buffered.append(text)
             sides.append("valid" if held else "train")
             size += len(text)

@@ -28,7 +28,8 @@ def preflight(cfg: ExperimentConfig) -> None:
     mix_recipe(cfg)
     if any(baseline(b).moe for b in cfg.baselines.which):
         upcycle_recipe(cfg)
-    runnable(cfg.eval.tasks, cfg.eval.data_dir, cfg.eval.missing_data)
+    if cfg.eval.missing_data == "error":  # (a task to skip is said when the evaluation runs)
+        runnable(cfg.eval.tasks, cfg.eval.data_dir, cfg.eval.missing_data)
 
 
 def check_same_experiment(cfg: ExperimentConfig, rd: Path, redo: bool) -> None:

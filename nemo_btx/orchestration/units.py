@@ -178,7 +178,8 @@ def pending(units: Sequence[Unit]) -> List[Unit]:
     return out
 
 
-def select(units: List[Unit], from_stage: Optional[str], only: Optional[str]) -> List[Unit]:
+def select(units: List[Unit], from_stage: Optional[str], only: Optional[str],
+           flag: str = "--only") -> List[Unit]:
     """The units to redo: `--from STAGE[:ITEM]` (it and everything after), `--only A,B:ITEM`."""
     def matches(unit: Unit, spec: str) -> bool:
         stage, _, item = spec.partition(":")
@@ -205,7 +206,7 @@ def select(units: List[Unit], from_stage: Optional[str], only: Optional[str]) ->
     if only:
         specs = [s for s in only.split(",") if s]
         for s in specs:
-            check(s, "--only")
+            check(s, flag)
         return [u for u in units if any(matches(u, s) for s in specs)]
     return []
 

@@ -110,7 +110,7 @@ def run(cfg: ExperimentConfig) -> Optional[dict]:
     plans = plan_data(cfg)
     names = [p.name for p in plans]
     if int(os.environ.get("RANK", "0")) != 0:
-        return _wait_for_rank0(cfg, names)
+        return _wait_for_rank0(cfg, plans)
     step = cfg.data.step
     if step in ("all", "tokenizer"):
         build_tokenizer(cfg, plans)
@@ -246,12 +246,15 @@ def _bpe_sample(cfg: ExperimentConfig, plans: List[DomainPlan], counted: dict) -
                 break
 
 
-def _wait_for_rank0(cfg: ExperimentConfig, names: List[str]) -> dict:
+def _wait_for_rank0(cfg: ExperimentConfig, plans: List[DomainPlan]) -> dict:
+    """The manifest once rank 0 has made every domain current: the manifests of an earlier
+    config (or inputs) are complete too, and must not be read while rank 0 replaces them."""
     deadline = time.monotonic() + WAIT_SECONDS
     while time.monotonic() < deadline:
-        manifest = indexed.read_manifest(RunDir.of(cfg).root, names)
-        if manifest is not None:
-            return manifest
+        if tokenizer_done(cfg, plans) and all(domain_done(cfg, p) for p in plans):
+            manifest = indexed.read_manifest(RunDir.of(cfg).root, [p.name for p in plans])
+            if manifest is not None:
+                return manifest
         time.sleep(1.0)
     raise BtxError(f"rank 0 did not complete {RunDir.of(cfg).data} within {WAIT_SECONDS:.0f} s")
 

@@ -8,23 +8,25 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "runs/llama2_7b/slurm/logs"
 submit() { sbatch --parsable "$@" | cut -d ';' -f 1; }
-data=$(submit "$HERE/01-data.sbatch")
+tokenizer=$(submit "$HERE/01-tokenizer.sbatch")
+echo "tokenizer $tokenizer"
+data=$(submit --dependency=afterok:$tokenizer "$HERE/02-data.sbatch")
 echo "data $data"
-seed=$(submit --dependency=afterok:$data "$HERE/02-seed.sbatch")
+seed=$(submit --dependency=afterok:$data "$HERE/03-seed.sbatch")
 echo "seed $seed"
-branch=$(submit --dependency=afterok:$seed "$HERE/03-branch.sbatch")
+branch=$(submit --dependency=afterok:$seed "$HERE/04-branch.sbatch")
 echo "branch $branch"
-experts=$(submit --dependency=afterok:$branch "$HERE/04-experts.sbatch")
+experts=$(submit --dependency=afterok:$branch "$HERE/05-experts.sbatch")
 echo "experts $experts"
-mix=$(submit --dependency=afterok:$experts "$HERE/05-mix.sbatch")
+mix=$(submit --dependency=afterok:$experts "$HERE/06-mix.sbatch")
 echo "mix $mix"
-finetune=$(submit --dependency=afterok:$mix "$HERE/06-finetune.sbatch")
+finetune=$(submit --dependency=afterok:$mix "$HERE/07-finetune.sbatch")
 echo "finetune $finetune"
-upcycle=$(submit --dependency=afterok:$seed "$HERE/07-upcycle.sbatch")
+upcycle=$(submit --dependency=afterok:$seed "$HERE/08-upcycle.sbatch")
 echo "upcycle $upcycle"
-baselines=$(submit --dependency=afterok:$finetune:$upcycle "$HERE/08-baselines.sbatch")
+baselines=$(submit --dependency=afterok:$finetune:$upcycle "$HERE/09-baselines.sbatch")
 echo "baselines $baselines"
-eval=$(submit --dependency=afterok:$baselines "$HERE/09-eval.sbatch")
+eval=$(submit --dependency=afterok:$baselines "$HERE/10-eval.sbatch")
 echo "eval $eval"
-report=$(submit --dependency=afterok:$eval "$HERE/10-report.sbatch")
+report=$(submit --dependency=afterok:$eval "$HERE/11-report.sbatch")
 echo "report $report"

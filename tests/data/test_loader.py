@@ -17,7 +17,7 @@ from nemo_btx.data.tokenizer import BPE_EOD, load_tokenizer
 from nemo_btx.errors import BtxError
 from nemo_btx.stages import data
 
-from data_fixtures import built_run, small_config  # noqa: F401 - built_run is a fixture
+from data_fixtures import built_run, expected_splits, small_config, split  # noqa: F401 - built_run is a fixture
 
 DOMAINS = ["code", "math", "wiki"]
 WORKER = Path(__file__).with_name("loader_worker.py")
@@ -48,11 +48,8 @@ def test_global_batch_is_a_pure_function_of_seed_and_step(built_run):
 
 
 def _split_docs(cfg, name):
-    from nemo_btx.data import corpora
-
-    src = next(s for s in corpora.resolve_sources(cfg.data) if s.name == name)
-    return indexed.split_documents(corpora.read_documents(src, cfg.data),
-                                   cfg.data.valid_fraction, cfg.data.seed, name)
+    splits = expected_splits(cfg, name)
+    return splits["train"], splits["valid"]
 
 
 def test_rows_are_contiguous_training_text(built_run):
@@ -106,18 +103,20 @@ def test_validation_batches_are_fixed_and_held_out(built_run):
 
 def test_user_domains_end_to_end(tmp_path):
     jsonl = tmp_path / "notes.jsonl"
-    jsonl.write_text("\n".join(json.dumps({"text": f"Note {i}: the value of item {i} is {i * 7}. " * 5})
-                               for i in range(40)))
+    notes = [f"Note {i}: the value of item {i} is {i * 7}. " * 5 for i in range(40)]
+    jsonl.write_text("\n".join(json.dumps({"text": n}) for n in notes))
     texts = tmp_path / "letters"
     texts.mkdir()
-    for i in range(12):
-        (texts / f"{i:02d}.txt").write_text(f"Dear reader number {i},\nthis is letter {i}.\n" * 8)
+    letters = [f"Dear reader number {i},\nthis is letter {i}.\n" * 8 for i in range(12)]
+    for i, letter in enumerate(letters):
+        (texts / f"{i:02d}.txt").write_text(letter)
     run_dir = tmp_path / "run"
     cfg = small_config(run_dir, f"data.domains=[{{name: notes, source: '{jsonl}', weight: 3}},"
                                 f"{{name: letters, source: '{texts}/*.txt'}}]", "data.valid_fraction=0.25")
     manifest = data.run(cfg)
-    assert manifest["domains"]["notes"]["splits"]["valid"]["documents"] == 10
-    assert manifest["domains"]["letters"]["splits"]["train"]["documents"] == 9
+    for name, docs in (("notes", notes), ("letters", letters)):
+        for side, held in split(docs, cfg, name).items():
+            assert manifest["domains"][name]["splits"][side]["documents"] == len(held) > 0
     assert len(manifest["domains"]["notes"]["source"]["files"]) == 1
     td = TrainData(cfg, run_dir, ["notes", "letters"])
     assert td.weights == pytest.approx([0.75, 0.25])

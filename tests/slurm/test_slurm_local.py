@@ -148,6 +148,54 @@ def test_chain_runs_on_local_slurm(slurm, tmp_path):
     print(f"chain of {len(units)} units on Slurm: {took:.0f} s")
 
 
+def test_failed_tokenize_task_is_redone_alone(slurm, tmp_path):
+    """Data at scale on Slurm: a domain of several tokenize units (an array job) and its merge;
+    one unit fails; the relaunch redoes only that unit and the merge, and the data equals an
+    uninterrupted local build byte for byte."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(6):
+        (corpus / f"part{i}.jsonl").write_text("".join(
+            json.dumps({"text": f"document {i}.{j}: " + " ".join(f"w{(i * 31 + j * 7 + k) % 97}" for k in range(60))})
+            + "\n" for j in range(8)))
+    data = ["data.max_chars_per_domain=null", f"data.domains=[{{name: big, source: '{corpus}'}}]",
+            "data.chunk_size=3KB", "data.unit_size=6KB", "data.tokenizer.sample_chars=20000"]
+    rd = tmp_path / "run"
+    flag = tmp_path / "fail-unit-1"
+    hook = tmp_path / "hook.sh"
+    hook.write_text(f'if [ "$SLURM_JOB_NAME" = btx-tokenize ] && [ "${{SLURM_ARRAY_TASK_ID:-}}" = 1 ] '
+                    f'&& [ -e {flag} ]; then echo "injected failure" >&2; exit 3; fi\n')
+    flag.touch()
+    extra = [*data, "cluster.only=[tokenizer,tokenize,data]", f"cluster.setup=['. {hook}']"]
+    launch(slurm, rd, *extra)
+    first = jobs_of(rd)
+    assert set(first) == {"tokenizer", "tokenize", "data"} and len(first["tokenize"]["units"]) >= 3
+    wait_for(slurm, rd)
+    parts = rd / "data" / "big" / "parts"
+    markers = {p.name: p.stat().st_mtime_ns for p in parts.glob("*.json")}
+    assert markers and not (rd / "data" / "big" / "manifest.json").exists()
+    out = subprocess.run(["scontrol", "show", "job", first["data"]["id"]], env=slurm, capture_output=True,
+                         text=True, timeout=60).stdout
+    assert "JobState=CANCELLED" in out and "DependencyNeverSatisfied" in out, out
+
+    flag.unlink()
+    launch(slurm, rd, *extra)
+    second = jobs_of(rd)
+    assert set(second) == {"tokenize", "data"} and second["tokenize"]["array"] == "1"
+    assert second["tokenize"]["units"] == ["tokenize:big:1"]
+    wait_for(slurm, rd)
+    assert (rd / "data" / "big" / "manifest.json").is_file(), log_tail(rd)
+    # The units that had succeeded were not redone.
+    assert {n: t for n, t in ((p.name, p.stat().st_mtime_ns) for p in parts.glob("*.json")) if n in markers} == markers
+    # Same bytes as an uninterrupted build in one process.
+    ref = tmp_path / "ref"
+    proc = subprocess.run([sys.executable, "-m", "nemo_btx.cli", "data", f"run.dir={ref}", *CHAIN, *data],
+                          cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("train.bin", "train.idx", "valid.bin", "valid.idx"):
+        assert (rd / "data" / "big" / name).read_bytes() == (ref / "data" / "big" / name).read_bytes(), name
+
+
 def test_failed_expert_is_retrained_alone(slurm, tmp_path):
     rd = tmp_path / "run"
     flag = tmp_path / "fail-math"

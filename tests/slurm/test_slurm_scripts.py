@@ -61,7 +61,7 @@ def test_llama2_7b_h100_chain(tmp_path):
     cfg, jobs, files = h100_jobs(tmp_path)
     domains = [d.name for d in cfg.data.domains]
     by_stage = {j.stage: j for j in jobs}
-    assert [j.stage for j in jobs] == ["data", "seed", "branch", "experts", "mix", "finetune", "upcycle",
+    assert [j.stage for j in jobs] == ["tokenizer", "data", "seed", "branch", "experts", "mix", "finetune", "upcycle",
                                        "baselines", "eval", "report"]
 
     # The experts: one array task per domain, each a full node at TP2 x DP4.
@@ -87,7 +87,7 @@ def test_llama2_7b_h100_chain(tmp_path):
     for stage in ("mix", "finetune", "upcycle"):
         p = by_stage[stage].parallel
         assert by_stage[stage].layout == "llama2_7b_moe_h100" and (p.tp, p.ep, p.etp) == (2, 4, 1)
-    for stage in ("data", "branch", "report"):  # no GPU asked for
+    for stage in ("tokenizer", "data", "branch", "report"):  # no GPU asked for
         assert "gpus-per-node" not in sbatch_options(files[by_stage[stage].script])
     eval_opts = sbatch_options(files[by_stage["eval"].script])
     assert eval_opts["array"] == f"0-{len(by_stage['eval'].units) - 1}" and eval_opts["gpus-per-node"] == "1"
@@ -97,7 +97,7 @@ def test_llama2_7b_h100_chain(tmp_path):
     subs = submissions(files["submit.sh"])
     assert list(subs) == [j.stage for j in jobs]
     assert {s: deps for s, (_, deps, _) in subs.items()} == {
-        "data": [], "seed": ["data"], "branch": ["seed"], "experts": ["branch"], "mix": ["experts"],
+        "tokenizer": [], "data": ["tokenizer"], "seed": ["data"], "branch": ["seed"], "experts": ["branch"], "mix": ["experts"],
         "finetune": ["mix"], "upcycle": ["seed"], "baselines": ["finetune", "upcycle"],
         "eval": ["baselines"], "report": ["eval"]}
     for job in jobs[1:]:
@@ -123,7 +123,9 @@ def test_nodes_and_layout_world_sizes(tmp_path):
     assert "tp 2 x pp 1 x cp 1 x dp 16 = 32 processes (4 nodes x 8 GPUs)" in experts.layout_text()
     opts = sbatch_options(files[experts.script])
     assert (opts["nodes"], opts["partition"], opts["account"]) == ("4", "gpu", "btx")
-    assert sbatch_options(files["01-data.sbatch"])["partition"] == "cpu"
+    assert sbatch_options(files["02-data.sbatch"])["partition"] == "cpu"
+    # A data job's workers tokenize one chunk per core: a node's worth of CPUs by default.
+    assert sbatch_options(files["02-data.sbatch"])["cpus-per-task"] == "64"
     # 3 GPUs a node cannot hold TP=2 ranks evenly.
     with pytest.raises(ConfigError, match=r"^cluster.nodes=1: .*multiple of 2 processes"):
         h100_jobs(tmp_path, ["cluster.gpus_per_node=3"])
@@ -197,7 +199,7 @@ def test_every_task_runs_the_command_nemo_btx_run_runs(tmp_path):
 def test_gpu_job_starts_torchrun_per_node(tmp_path):
     _, jobs, files = h100_jobs(tmp_path / "run", ["cluster.nodes=2"])
     script = tmp_path / "experts.sbatch"
-    script.write_text(files["04-experts.sbatch"])
+    script.write_text(files["05-experts.sbatch"])
     argv = run_script(script, tmp_path, task=1, SLURM_NNODES="2")
     assert argv[:5] == ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--kill-on-bad-exit=1", "python"]
     assert argv[5:12] == ["-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=8",
@@ -240,7 +242,7 @@ def test_cli_dry_run_and_errors(tmp_path):
     proc = cli("cluster.dry_run=true")
     assert proc.returncode == 0, proc.stderr
     names = sorted(p.name for p in (tmp_path / "slurm").glob("*.s*"))
-    assert names[0] == "01-data.sbatch" and "submit.sh" in names and "report" in names[-2]
+    assert names[0] == "01-tokenizer.sbatch" and "submit.sh" in names and "report" in names[-2]
     assert not (tmp_path / "slurm" / "jobs.json").exists() and not (tmp_path / "config.yaml").exists()
     # Without Slurm, submitting says what to do instead.
     proc = cli()
@@ -255,6 +257,7 @@ def test_dependencies_skip_complete_stages(tmp_path):
         "experts": [], "mix": ["experts"], "finetune": ["mix"], "baselines": ["finetune"],
         "eval": ["baselines"], "report": ["eval"]}
     assert dependencies(jobs, ["data", "eval", "report"]) == {"data": [], "eval": ["data"], "report": ["eval"]}
+    assert dependencies(jobs, ["tokenizer", "seed"]) == {"tokenizer": [], "seed": ["tokenizer"]}
 
 
 # ---------------------------------------------------------------- the stop request

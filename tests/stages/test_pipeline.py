@@ -33,18 +33,57 @@ def test_plan_orders_every_stage_and_model(tmp_path):
 
     units = plan(load([f"run.dir={tmp_path}"]))
     names = [u.name for u in units]
-    assert names[:6] == ["data", "seed", "branch", "experts:code", "experts:math", "experts:wiki"]
+    # The tiny default's domains are one piece each: tokenized and merged by one unit per domain.
+    assert names[:4] == ["tokenizer", "data:code", "data:math", "data:wiki"]
+    names = names[3:]
+    assert names[:6] == ["data:wiki", "seed", "branch", "experts:code", "experts:math", "experts:wiki"]
     assert names[6:9] == ["mix", "finetune", "upcycle"]
     assert names[9:12] == ["baselines:upcycle-data", "baselines:upcycle-compute", "baselines:dense"]
     assert names[12:] == ["eval:seed", "eval:expert-code", "eval:expert-math", "eval:expert-wiki",
                           "eval:btm-top1", "eval:btm-top2", "eval:upcycle-data", "eval:upcycle-compute",
                           "eval:dense", "eval:btx", "report"]
-    # Stage order is the order of STAGES (what --from relies on).
+    # Stage order is the order of STAGES (what --from relies on), and every unit comes after
+    # the units it needs.
     order = [STAGES.index(u.stage) for u in units]
     assert order == sorted(order)
+    seen = set()
+    for u in units:
+        assert set(u.needs) <= seen, u.name
+        seen.add(u.name)
+    assert set(units[names.index("seed") + 3].needs) == {"data:code", "data:math", "data:wiki"}
     # Without upcycling baselines there is no upcycle stage and no upcycled model to evaluate.
     names = [u.name for u in plan(load([f"run.dir={tmp_path}", "baselines.which=[dense]"]))]
     assert "upcycle" not in names and "eval:upcycle-data" not in names and "eval:dense" in names
+
+
+def test_a_large_domain_is_a_tokenize_array_then_a_merge(tmp_path):
+    """A domain of several units: one tokenize unit each (a Slurm array), then its merge."""
+    from nemo_btx.orchestration.slurm import build_jobs
+    from nemo_btx.orchestration.units import plan, select
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(5):
+        (corpus / f"part{i}.jsonl").write_text("".join(json.dumps({"text": f"doc {i}.{j} " * 40}) + "\n"
+                                                       for j in range(3)))
+    overrides = [f"run.dir={tmp_path / 'run'}", "data.max_chars_per_domain=null",
+                 f"data.domains=[{{name: code, max_documents: 50}}, {{name: big, source: '{corpus}'}}]",
+                 "data.chunk_size=1KB", "data.unit_size=2KB"]
+    units = plan(load(overrides))
+    names = [u.name for u in units]
+    tokenize = [n for n in names if n.startswith("tokenize:")]
+    assert tokenize == [f"tokenize:big:{k}" for k in range(len(tokenize))] and len(tokenize) >= 3
+    assert names[:len(tokenize) + 1] == ["tokenizer", *tokenize]
+    by = {u.name: u for u in units}
+    assert set(by["data:big"].needs) == {"tokenizer", *tokenize}
+    assert by["data:code"].needs == ("tokenizer",) and by["data:code"].args[1] == "data.step=domain"
+    assert by["tokenize:big:1"].args == ["data", "data.step=tokenize", "data.unit=big:1"]
+    assert [u.name for u in select(units, None, "tokenize:big:1")] == ["tokenize:big:1"]
+    assert select(units, "tokenize", None)[0].name == "tokenize:big:0"
+    # On Slurm: the tokenize units are one array job, the merges another, after it.
+    jobs = {j.stage: j for j in build_jobs(load(overrides), overrides)}
+    assert [u.name for u in jobs["tokenize"].units] == tokenize and jobs["tokenize"].is_array
+    assert [u.item for u in jobs["data"].units] == ["code", "big"]
 
 
 def test_select_from_and_only(tmp_path):
