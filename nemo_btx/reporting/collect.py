@@ -291,6 +291,27 @@ def routing(run_dir: Path, finetuned: Optional[dict], missing: List[str]) -> Opt
             "num_experts": num, "router_topk": data.get("router_topk"), "fractions": fractions}
 
 
+# --------------------------------------------------------------------------- datasets
+
+
+def datasets(run_dir: Path, domains: List[str], missing: List[str]) -> List[dict]:
+    """Per domain: documents and tokens of each split, from its data manifest."""
+    rd = RunDir(run_dir)
+    out = []
+    for d in domains:
+        m = _read_json(rd.data_manifest(d))
+        if not isinstance(m, dict) or "splits" not in m:
+            missing.append(f"{rd.rel(rd.data_manifest(d))} (data of {d})")
+            continue
+        s = m["splits"]
+        out.append({"domain": d, "train_documents": s["train"].get("documents"),
+                    "train_tokens": s["train"].get("tokens"), "valid_documents": s["valid"].get("documents"),
+                    "valid_tokens": s["valid"].get("tokens"),
+                    "external": (m.get("external") or {}).get("prefix"),
+                    "bad_records": sum(((m.get("bad_records") or {}).get("counts") or {}).values())})
+    return out
+
+
 # --------------------------------------------------------------------------- everything
 
 
@@ -343,6 +364,7 @@ def collect(run_dir: Path) -> dict:
         models[name] = {**spec, "eval": ev, "perplexity": perplexity,
                         "tasks": {t.key: (ev["tasks"][t.key] if ev else None) for t in TASKS}}
 
+    data_rows = datasets(run_dir, domains, missing)
     entries = ledger(run_dir, domains)
     if not entries:
         missing.append("ledger.jsonl (no compute ledger: the compute table is empty)")
@@ -364,5 +386,6 @@ def collect(run_dir: Path) -> dict:
                 "num_experts": ((mixed or {}).get("moe") or {}).get("num_experts"),
                 "router_init": (mixed or {}).get("router_init")} if mixed else None,
         "routing": routing(run_dir, manifests.get(rd.rel(rd.finetuned)), missing),
+        "data": data_rows,
         "missing": missing,
     }

@@ -82,6 +82,8 @@ def build(data: dict, tables: Dict[str, Table], found: List[dict], skipped: List
         blocks.append(Image("scores.png", figures["scores.png"]))
 
     blocks += [Heading("Compute"), TableBlock(tables["compute"]), TableBlock(tables["ledger"])]
+    if "data" in tables:
+        blocks += [Heading("Data"), TableBlock(tables["data"])]
 
     blocks.append(Heading("Training"))
     for name in ("loss_curves.png", "valid_curves.png"):

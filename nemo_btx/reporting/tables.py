@@ -234,6 +234,17 @@ def compute_table(comp: Dict[str, dict]) -> Table:
     return Table("compute", "Table 3. Compute", columns, rows, notes, label_title="Method")
 
 
+def data_table(rows: List[dict]) -> Table:
+    columns = [Column("train_documents", "Train docs", fmt_count), Column("train_tokens", "Train tokens", fmt_count),
+               Column("valid_documents", "Valid docs", fmt_count), Column("valid_tokens", "Valid tokens", fmt_count),
+               Column("bad_records", "Bad records skipped", fmt_plain)]
+    table_rows = [Row(r["domain"], r["domain"] + (f" ({r['external']})" if r.get("external") else ""),
+                      {c.key: r.get(c.key) for c in columns}) for r in rows]
+    return Table("data", "Data per domain", columns, table_rows,
+                 ["From each domain's data manifest (data/<domain>/manifest.json); tokens include one "
+                  "end-of-document id per document."], label_title="Domain")
+
+
 def ledger_table(stage_rows: List[dict]) -> Table:
     columns = [Column("steps", "Steps", fmt_plain), Column("tokens", "Tokens", fmt_count),
                Column("flops", "FLOPs", fmt_flops), Column("wall_s", "Wall s", fmt_seconds),

@@ -77,7 +77,8 @@ def _write(run_dir: Path, out: Path) -> dict:
     results = tables.results_table(data)
     built = {"results": results, "aggregate": tables.aggregate_table(data, results),
              "compute": tables.compute_table(comp),
-             "ledger": tables.ledger_table(compute.stage_rows(data["ledger"]))}
+             "ledger": tables.ledger_table(compute.stage_rows(data["ledger"])),
+             "data": tables.data_table(data["data"])}
     found, skipped = findings.findings(data, results, built["aggregate"], comp)
     figures = plots.draw_all(data, out)
     blocks = document.build(data, built, found, skipped, figures)
@@ -94,7 +95,7 @@ def _write(run_dir: Path, out: Path) -> dict:
         "tables": {key: t.to_json() for key, t in built.items()},
         "compute": comp, "ledger": data["ledger"],
         "findings": found, "not_assessed": skipped,
-        "routing": data["routing"], "mix": data["mix"],
+        "routing": data["routing"], "mix": data["mix"], "data": data["data"],
         "figures": figures, "missing": data["missing"],
         "versions": data["versions"], "reporter": data["reporter"],
         "config": data["config"]["data"], "config_source": data["config"]["source"],

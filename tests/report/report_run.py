@@ -42,6 +42,8 @@ SCORES = {
 MMLU_SUBJECTS = {"btx_mmlu_stem": ["btx_mmlu_anatomy", "btx_mmlu_astronomy"],
                  "btx_mmlu_other": ["btx_mmlu_global_facts"]}
 DOCS = 40
+#: Training documents per domain in the data manifests.
+DATA_DOCS = [120, 3400, 75]
 TRAIN_DIRS = RunDir(".").training_dirs(["code", "math", "wiki"])
 STEPS = {"seed": 40, "expert-code": 20, "expert-math": 20, "expert-wiki": 20, "btx": 20,
          "upcycle-data": 20, "upcycle-compute": 60, "dense": 78}
@@ -189,4 +191,9 @@ def make_run(root: Path) -> Path:
     (run / "ledger.jsonl").write_text("".join(json.dumps(e) + "\n" for e in ledger_lines(run)))
     for name in SCORES:
         _json(run / "eval" / name / "results.json", results_json(run, name))
+    for i, d in enumerate(DOMAINS):  # the data manifests (nemo_btx/data/merge.py)
+        _json(RunDir(run).data_manifest(d), {"format": 2, "splits": {
+            "train": {"documents": DATA_DOCS[i], "tokens": 1000 * DATA_DOCS[i]},
+            "valid": {"documents": 1 + i, "tokens": 1000 * (1 + i)}},
+            "bad_records": {"counts": {"invalid_json": i}, "first": []}})
     return run

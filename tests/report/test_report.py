@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, clean_env, missing_system_package
-from report_run import (DOCS, DOMAINS, FLOPS_PER_TOKEN, LOSS, ROUTING, SCORES, STEPS, TOKENS_PER_STEP,
+from report_run import (DATA_DOCS, DOCS, DOMAINS, FLOPS_PER_TOKEN, LOSS, ROUTING, SCORES, STEPS, TOKENS_PER_STEP,
                         TRAIN_OFFSET, make_run)
 
 from nemo_btx.reporting import plots
@@ -80,6 +80,11 @@ def test_numbers_equal_the_run_directory(run):
     assert _row(on_disk, "compute", "upcycle-compute")["flops_vs_btx"] == pytest.approx(1.0)
     assert _row(on_disk, "compute", "dense")["flops_vs_btx"] == pytest.approx(78 * 8 / (60 * 12), rel=1e-9)
     assert [r["key"] for r in on_disk["tables"]["ledger"]["rows"]].count("experts/math") == 1
+    # The data table: documents and tokens per domain and split, skipped records.
+    data = {r["key"]: r["values"] for r in on_disk["tables"]["data"]["rows"]}
+    assert [r["domain"] for r in on_disk["data"]] == DOMAINS
+    assert data["math"]["train_documents"] == DATA_DOCS[1] and data["math"]["train_tokens"] == 1000 * DATA_DOCS[1]
+    assert data["wiki"]["valid_documents"] == 3 and data["wiki"]["bad_records"] == 2
     assert on_disk["missing"] == []
 
 
