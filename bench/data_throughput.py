@@ -78,6 +78,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Dict, List
 
+from nemo_btx.config.schema import DataConfig
+
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -539,8 +541,8 @@ def main(argv=None) -> int:
     ap.add_argument("--size", default="100MB", help="the corpus of targets 1-3")
     ap.add_argument("--large-size", default="1GB", help="the larger corpus of target 3 (generated, then deleted)")
     ap.add_argument("--no-large", action="store_true", help="skip the large corpus (target 3 not measured)")
-    ap.add_argument("--chunk-size", default="64MB", help="data.chunk_size (the default)")
-    ap.add_argument("--buffer-size", default="16MB", help="data.buffer_size (the default)")
+    ap.add_argument("--chunk-size", default=DataConfig().chunk_size, help="data.chunk_size (default: the config's)")
+    ap.add_argument("--buffer-size", default=DataConfig().buffer_size, help="data.buffer_size (default: the config's)")
     ap.add_argument("--vocab", type=int, default=32000, help="BPE vocabulary (and model.vocab_size)")
     ap.add_argument("--repeats", type=int, default=1, help="repeats of reference / 1 worker / 2 workers; best kept")
     ap.add_argument("--roundtrip-docs", type=int, default=400)
