@@ -29,7 +29,7 @@ from nemo_btx import progress
 from nemo_btx.config.schema import ExperimentConfig
 from nemo_btx.errors import BtxError
 from nemo_btx.orchestration.experiment import check_same_experiment, preflight
-from nemo_btx.orchestration.units import Unit, command, nproc_of, pending, plan, select
+from nemo_btx.orchestration.units import Unit, command, nproc_of, pending, plan, select, with_missing_needs
 from nemo_btx.run_dir import RunDir
 
 log = logging.getLogger(__name__)
@@ -199,7 +199,7 @@ def run(cfg: ExperimentConfig, overrides: Sequence[str] = (), config_name: str =
         unit.nproc = nprocs[unit.layout]
     redo_ids = {id(u) for u in redo}
     pending_ids = {id(u) for u in pending(units)}
-    todo = list(redo) if only else [u for u in units if id(u) in redo_ids | pending_ids]
+    todo = with_missing_needs(units, redo) if only else [u for u in units if id(u) in redo_ids | pending_ids]
     report = units[-1]
     if todo and not only and all(u is not report for u in todo):
         todo.append(report)  # new results: the report is rebuilt

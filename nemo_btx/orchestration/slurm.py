@@ -31,7 +31,8 @@ from nemo_btx.config.schema import ExperimentConfig, ParallelConfig
 from nemo_btx.config.validate import check_cluster
 from nemo_btx.errors import ConfigError
 from nemo_btx.orchestration.units import (
-    STAGES, Unit, command, layout_config, nproc_of, pending, plan, select, stage_parents)
+    STAGES, Unit, command, layout_config, nproc_of, pending, plan, select, stage_parents,
+    with_missing_needs)
 from nemo_btx.run_dir import RunDir
 
 #: Stages with one array task per unit.
@@ -175,8 +176,8 @@ def build_jobs(cfg: ExperimentConfig, overrides: Sequence[str] = (), config_name
     # New results anywhere: the report is rebuilt (as `nemo-btx run` does).
     if any(j.todo for j in jobs[:-1]) and jobs[-1].stage == "report":
         jobs[-1].todo = list(range(len(jobs[-1].units)))
-    if c.only is not None:  # a part of the chain: only the chosen units that are not complete
-        chosen = {id(u) for u in select(units, None, ",".join(c.only), flag="cluster.only")}
+    if c.only is not None:  # a part of the chain: the chosen units and their missing needs
+        chosen = {id(u) for u in with_missing_needs(units, select(units, None, ",".join(c.only), flag="cluster.only"))}
         for job in jobs:
             job.todo = [i for i in job.todo if id(job.units[i]) in chosen]
     return jobs

@@ -178,6 +178,22 @@ def pending(units: Sequence[Unit]) -> List[Unit]:
     return out
 
 
+def with_missing_needs(units: Sequence[Unit], chosen: Sequence[Unit]) -> List[Unit]:
+    """`chosen` and every incomplete unit it needs (transitively), in plan order: `--only data`
+    on a fresh run directory trains the tokenizer first instead of failing for want of it;
+    complete needs are not redone."""
+    by_name = {u.name: u for u in units}
+    keep = {id(u) for u in chosen}
+    stack = list(chosen)
+    while stack:
+        for name in stack.pop().needs:
+            need = by_name[name]
+            if id(need) not in keep and not need.done():
+                keep.add(id(need))
+                stack.append(need)
+    return [u for u in units if id(u) in keep]
+
+
 def select(units: List[Unit], from_stage: Optional[str], only: Optional[str],
            flag: str = "--only") -> List[Unit]:
     """The units to redo: `--from STAGE[:ITEM]` (it and everything after), `--only A,B:ITEM`."""

@@ -214,7 +214,7 @@ def test_failed_expert_is_retrained_alone(slurm, tmp_path):
     experts = {d: rd / "experts" / d / "manifest.json" for d in ("code", "math", "wiki")}
     assert experts["code"].is_file() and experts["wiki"].is_file() and not experts["math"].is_file()
     # Nothing downstream started; Slurm cancelled it (dependency never satisfied).
-    assert {e["unit"].split(":")[0] for e in events(rd)} == {"data", "seed", "branch", "experts"}
+    assert {e["unit"].split(":")[0] for e in events(rd)} == {"tokenizer", "data", "seed", "branch", "experts"}
     for stage in ("mix", "finetune", "baselines", "eval", "report"):
         out = subprocess.run(["scontrol", "show", "job", first[stage]["id"]], env=slurm, capture_output=True,
                              text=True, timeout=60).stdout
@@ -243,7 +243,7 @@ def test_job_requeues_before_time_limit(slurm, tmp_path):
     """
     rd = tmp_path / "run"
     fake = tmp_path / "fake-python"
-    fake.write_text('#!/bin/bash\ncase " $* " in *" domain=code "*) ;; *) exit 0 ;; esac\n'
+    fake.write_text('#!/bin/bash\ncase " $* " in *" train-expert domain=code "*) ;; *) exit 0 ;; esac\n'
                     'if [ "${SLURM_RESTART_COUNT:-0}" = 0 ]; then\n'
                     '  for i in $(seq 1 1500); do [ -e "$NEMO_BTX_STOP_FILE" ] && exit 75; sleep 0.2; done\n'
                     '  exit 1\nfi\nexit 0\n')

@@ -107,6 +107,21 @@ def test_select_from_and_only(tmp_path):
         select(units, "mix", "eval")
 
 
+def test_only_runs_the_missing_needs_first(tmp_path):
+    from nemo_btx.orchestration.units import plan, select, with_missing_needs
+
+    units = plan(load([f"run.dir={tmp_path}"]))
+    data = select(units, None, "data")
+    assert [u.name for u in with_missing_needs(units, data)] == ["tokenizer", "data:code", "data:math",
+                                                                 "data:wiki"]
+    # A complete need is not redone; one two steps up still is.
+    by_name = {u.name: u for u in units}
+    by_name["tokenizer"].done = lambda: True
+    assert [u.name for u in with_missing_needs(units, data)] == [u.name for u in data]
+    names = [u.name for u in with_missing_needs(units, select(units, None, "experts:math"))]
+    assert names == ["data:code", "data:math", "data:wiki", "seed", "branch", "experts:math"]
+
+
 def test_multi_rank_layouts_run_under_torchrun(tmp_path):
     from nemo_btx.orchestration.units import command, nproc_of, plan
 
