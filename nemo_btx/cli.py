@@ -26,6 +26,8 @@ COMMANDS: Dict[str, Tuple[str, Optional[str], str]] = {
     "validate": ("resolve the config and check it (keys, types, parallel layout); no GPU needed",
                  None, "builtin"),
     "config": ("print the resolved config as YAML", None, "builtin"),
+    "plan": ("per-GPU memory, step time, tokens and GPU-days of every stage at its layout",
+             None, "builtin"),
     "data": ("tokenizer and per-domain indexed datasets", "nemo_btx.stages.data:run", ""),
     "seed": ("pre-train (or adopt) the seed model on the general mixture",
              "nemo_btx.stages.seed:run", ""),
@@ -83,14 +85,41 @@ def _builtin(command: str, overrides: List[str], config_name: str) -> int:
     cfg = load_config(overrides, config_name=config_name)
     if command == "config":
         sys.stdout.write(to_yaml(cfg))
+        print(budgets_comment(cfg))
+        return 0
+    if command == "plan":
+        from nemo_btx.orchestration.planning import plan_experiment, render
+
+        validate(cfg)
+        print(render(cfg, plan_experiment(cfg, overrides, config_name)))
         return 0
     world = validate(cfg)
+    _check_fits(cfg, overrides, config_name)
     p = cfg.parallel
     print(f"config OK: model {cfg.model.name} ({cfg.model.num_layers} layers, hidden "
           f"{cfg.model.hidden_size}, {'dense' if cfg.model.moe.num_experts is None else str(cfg.model.moe.num_experts) + ' experts'}), "
           f"world {world} = tp {p.tp} x pp {p.pp} x cp {p.cp} x dp {world // (p.tp * p.pp * p.cp)}"
           f"{f', ep {p.ep}' if p.ep > 1 else ''}")
     return 0
+
+
+def budgets_comment(cfg) -> str:
+    """The stage budgets in steps, as YAML comments under `nemo-btx config`."""
+    from nemo_btx.config.budgets import stage_iters, tokens_per_step
+
+    per_step = tokens_per_step(cfg)
+    parts = [f"seed {stage_iters(cfg, 'seed')}"] if cfg.seed.checkpoint is None else []
+    parts += [f"experts:{d.name} {stage_iters(cfg, 'experts', d.name)}" for d in cfg.data.domains]
+    parts.append(f"finetune {stage_iters(cfg, 'finetune')}")
+    return f"# steps at {per_step:,} tokens per step: " + ", ".join(parts)
+
+
+def _check_fits(cfg, overrides: List[str], config_name: str) -> None:
+    """On a GPU cluster: every stage's predicted memory within cluster.gpu_memory_gb."""
+    if cfg.cluster.gpus_per_node > 0 and cfg.plan.check:
+        from nemo_btx.orchestration.planning import check_fits
+
+        check_fits(cfg, overrides, config_name)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -123,6 +152,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             from nemo_btx.orchestration.experiment import preflight
 
             preflight(cfg)
+            _check_fits(cfg, args.overrides, args.config_name)
         module_name, func = target.split(":")
         module = importlib.import_module(module_name)
         # A stage whose model comes from its input checkpoint (finetune) resolves it first,

@@ -39,10 +39,12 @@ def group_options(group: str, root: Optional[Path] = None) -> List[str]:
     return sorted(p.stem for p in (root / group).glob("*.yaml"))
 
 
-def _schema_node(key: str, value=None) -> None:
+def _schema_node(key: str, value=None) -> bool:
     """Walk the dataclass schema along a dotted key; raise ConfigError for an unknown part.
 
-    List-of-section fields (data.domains) accept an index: `data.domains.0.weight`.
+    List-of-section fields (data.domains) accept an index: `data.domains.0.weight`. Mapping
+    fields (expert.tokens) accept any name below them: True is returned for such a key (Hydra
+    must be told to add it).
     """
     node = ExperimentConfig
     parts = key.split(".")
@@ -59,25 +61,32 @@ def _schema_node(key: str, value=None) -> None:
         default = spec.default_factory() if spec.default_factory is not MISSING else spec.default
         depth += 1
         if depth == len(parts):
-            return
+            return False
+        if isinstance(default, dict):
+            if depth + 1 != len(parts):
+                raise ConfigError(key, value, f"'{'.'.join(parts[:depth])}' maps names to values: "
+                                  f"{'.'.join(parts[:depth])}.<name>=<value>")
+            return True
         if isinstance(default, list) and default and is_dataclass(default[0]):
             if not parts[depth].isdigit():
                 raise ConfigError(key, value, f"'{'.'.join(parts[:depth])}' is a list: "
                                   f"index it, e.g. {'.'.join(parts[:depth])}.0.{parts[depth]}")
             depth += 1
             if depth == len(parts):
-                return
+                return False
             default = default[0]
         if not is_dataclass(default):
             raise ConfigError(key, value, f"'{'.'.join(parts[:depth])}' is a value, not a section")
         node = type(default)
 
 
-def check_overrides(overrides: Sequence[str]) -> None:
-    """Reject unknown keys and unknown group options with a suggestion, before Hydra runs."""
+def check_overrides(overrides: Sequence[str]) -> List[str]:
+    """Reject unknown keys and unknown group options with a suggestion, before Hydra runs.
+    Returns the overrides as Hydra takes them (a mapping entry is added or replaced: ++key)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
+    out = []
     for text in overrides:
         if "=" not in text:
             raise ConfigError(text, "", "overrides are key=value (e.g. model.num_layers=4)")
@@ -92,11 +101,13 @@ def check_overrides(overrides: Sequence[str]) -> None:
             if ov.value() not in options:
                 raise ConfigError(key, ov.value(), f"no conf/{key}/{ov.value()}.yaml; available: "
                                   f"{', '.join(options) or 'none'}")
+            out.append(text)
             continue
         if ov.key_or_group.startswith(("+", "~")):
             raise ConfigError(ov.key_or_group, ov.value(), "adding or deleting keys is not allowed: "
                               "every key is fixed by the schema")
-        _schema_node(key, ov.value())
+        out.append(f"++{text}" if _schema_node(key, ov.value()) else text)
+    return out
 
 
 def _one_line(err: BaseException) -> ConfigError:
@@ -122,8 +133,7 @@ def load_config(overrides: Sequence[str] = (), config_name: str = "config") -> E
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
-    overrides = list(overrides)
-    check_overrides(overrides)
+    overrides = check_overrides(list(overrides))
     ConfigStore.instance().store(name=SCHEMA_NAME, node=ExperimentConfig)
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):

@@ -12,7 +12,7 @@ This module imports nothing heavy (no torch, no megatron), so configs load on a 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 
 #: The embedded offline corpora (nemo_btx/data/corpora.py): `data.domains.*.source=builtin`.
@@ -115,6 +115,11 @@ class ParallelConfig:
     """torch.distributed backend; auto = nccl with CUDA, gloo without."""
     batch_p2p_comm: bool = True
     """Batched pipeline send/recv. Forced off on gloo: it silently corrupts interleaved PP."""
+    recompute: str = choice("none", "none", "selective", "full")
+    """Activation recomputation: selective recomputes the core attention (megatron-core's
+    "core_attn": the s x s scores; cheap), full recomputes every layer from its input (one layer
+    at a time; about a third more compute). Same losses either way; `nemo-btx plan` accounts
+    for the memory it saves."""
 
 
 @dataclass(kw_only=True)
@@ -261,7 +266,10 @@ class SeedConfig(TrainStageConfig):
     """Stage `seed`: pre-train the seed on the general mixture of all domains."""
 
     train_iters: int = 200
-    """Optimizer steps of the seed."""
+    """Optimizer steps of the seed (when `tokens` is null)."""
+    tokens: Optional[float] = None
+    """The seed's budget in tokens (steps = tokens / (train.global_batch_size x
+    model.seq_length), rounded up); null = train_iters."""
     checkpoint: Optional[str] = None
     """Use this existing checkpoint (weights or training checkpoint dir) as the seed instead
     of training one, e.g. an imported Llama-2 7B."""
@@ -272,7 +280,11 @@ class ExpertConfig(TrainStageConfig):
     """Stage `train-expert`: continue one branched copy of the seed on its domain only."""
 
     train_iters: int = 100
-    """Optimizer steps of each expert."""
+    """Optimizer steps of each expert without a `tokens` entry."""
+    tokens: Dict[str, float] = field(default_factory=dict)
+    """Budgets in tokens per domain, as the paper gives them (expert.tokens.math=201e9), each
+    converted to steps with the global batch and sequence length; a domain without an entry
+    trains expert.train_iters steps."""
 
 
 @dataclass(kw_only=True)
@@ -342,6 +354,8 @@ class FinetuneConfig(TrainStageConfig):
     train_iters: int = 300
     """Optimizer steps of the MoE stage (the tiny default: long enough for BTX to catch up
     with each expert on its own domain after the averaging of attention)."""
+    tokens: Optional[float] = None
+    """The MoE finetune's budget in tokens (the paper: 80e9); null = train_iters."""
     init: Optional[str] = None
     """MoE checkpoint to start from; null = <run.dir>/btx/mixed."""
     out: Optional[str] = None
@@ -517,10 +531,28 @@ class ClusterConfig:
     """Extra sbatch options for every job, e.g. [--reservation=btx, --constraint=h100]."""
     dry_run: bool = False
     """Only render the scripts into <run.dir>/slurm/; submit nothing."""
+    gpu_memory_gb: float = 80.0
+    """Memory of one GPU (H100 SXM: 80). `validate`, `run` and `launch` refuse a stage whose
+    layout `nemo-btx plan` predicts above it (plan.check=false to run it anyway)."""
+    gpu_peak_tflops: float = 989.0
+    """Dense bf16 peak of one GPU in TFLOP/s (H100 SXM: 989), for the plan's step times."""
     only: Optional[List[str]] = None
     """Submit only these stages or units (STAGE or STAGE:ITEM, e.g. [tokenizer, tokenize, data] to
     build the data first, or [experts:math]); what is complete is skipped as always. null = the
     whole chain."""
+
+
+@dataclass(kw_only=True)
+class PlanConfig:
+    """`nemo-btx plan`'s assumptions (nemo_btx/planner/)."""
+
+    mfu: float = 0.4
+    """Model FLOP utilisation assumed for step times and GPU-days (useful FLOPs / peak)."""
+    overhead_gb: float = 4.0
+    """Per-GPU memory the planner adds for what it does not itemise: the CUDA context, NCCL
+    buffers, the allocator's fragmentation, temporary buffers of the optimizer step."""
+    check: bool = True
+    """Refuse a GPU layout predicted over cluster.gpu_memory_gb before anything runs."""
 
 
 @dataclass(kw_only=True)
@@ -567,3 +599,4 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     hf: HFConfig = field(default_factory=HFConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)

@@ -436,6 +436,13 @@ def check_stages(cfg: ExperimentConfig) -> None:
     """Every training stage's budget, and the checkpoints they start from."""
     for key in ("seed", "expert", "job", "finetune", "baselines"):
         check_stage(key, getattr(cfg, key))
+    _above_zero("seed.tokens", cfg.seed.tokens, null=True)
+    _above_zero("finetune.tokens", cfg.finetune.tokens, null=True)
+    names = [d.name for d in cfg.data.domains]
+    for domain, tokens in cfg.expert.tokens.items():
+        if domain not in names:
+            raise ConfigError(f"expert.tokens.{domain}", tokens, f"not a domain; data.domains are {', '.join(names)}")
+        _above_zero(f"expert.tokens.{domain}", tokens)
     _existing_dir("seed.checkpoint", cfg.seed.checkpoint,
                   "no such directory (an existing checkpoint to adopt as the seed, or null)")
     _existing_dir("job.init", cfg.job.init, "no such directory (a checkpoint, or null)")
@@ -590,6 +597,16 @@ def check_smoke(cfg: ExperimentConfig) -> None:
     _positive("smoke.moe_num_experts", s.moe_num_experts)
 
 
+def check_plan(cfg: ExperimentConfig) -> None:
+    """The planner's assumptions and the GPU it plans for."""
+    if not 0 < cfg.plan.mfu <= 1:
+        raise ConfigError("plan.mfu", cfg.plan.mfu, "must be a fraction in (0, 1]")
+    if not cfg.plan.overhead_gb >= 0:
+        raise ConfigError("plan.overhead_gb", cfg.plan.overhead_gb, "must be >= 0")
+    _above_zero("cluster.gpu_memory_gb", cfg.cluster.gpu_memory_gb)
+    _above_zero("cluster.gpu_peak_tflops", cfg.cluster.gpu_peak_tflops)
+
+
 def check_config(cfg: ExperimentConfig) -> None:
     """Every section on its own: what can be checked before a stage reads any checkpoint.
 
@@ -611,6 +628,7 @@ def check_config(cfg: ExperimentConfig) -> None:
     check_cluster(cfg)
     check_hf(cfg)
     check_smoke(cfg)
+    check_plan(cfg)
 
 
 def validate(cfg: ExperimentConfig, world_size: Optional[int] = None) -> int:

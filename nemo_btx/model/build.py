@@ -15,6 +15,9 @@ import torch.nn.functional as F
 
 from nemo_btx.config.schema import ExperimentConfig, ModelConfig
 from nemo_btx.config.validate import etp_of, sequence_parallel_of
+# The counting rules live in the planner (no torch there); re-exported for the model's users.
+from nemo_btx.planner.flops import model_flops_per_token  # noqa: F401
+from nemo_btx.planner.params import padded_vocab_size
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +31,6 @@ def have_transformer_engine() -> bool:
     except Exception:  # TE raises OSError/ImportError variants when its CUDA libs are missing
         return False
     return True
-
-
-def padded_vocab_size(model: ModelConfig, tp: int) -> int:
-    """Round the vocabulary up so the embedding splits evenly over TP (megatron's rule)."""
-    multiple = model.make_vocab_size_divisible_by * tp
-    return -(-model.vocab_size // multiple) * multiple
 
 
 def params_dtype(cfg: ExperimentConfig) -> torch.dtype:
@@ -89,6 +86,12 @@ def transformer_config(cfg: ExperimentConfig):
         batch_p2p_comm=p.batch_p2p_comm,
         deallocate_pipeline_outputs=on_gpu,
     )
+    if p.recompute != "none":
+        # selective: megatron-core's default recompute_modules, ["core_attn"]; full: every layer
+        # from its input, one layer per checkpoint.
+        kwargs.update(recompute_granularity=p.recompute)
+        if p.recompute == "full":
+            kwargs.update(recompute_method="uniform", recompute_num_layers=1)
     if moe.num_experts is not None:
         kwargs.update(
             num_moe_experts=moe.num_experts,
@@ -231,24 +234,3 @@ def count_parameters(chunks: List[torch.nn.Module]) -> int:
 
 def is_moe(cfg: ExperimentConfig) -> bool:
     return cfg.model.moe.num_experts is not None
-
-
-def model_flops_per_token(m: ModelConfig, *, active_experts: Optional[int] = None) -> float:
-    """Training FLOPs per token (forward + backward = 3x forward), by formula.
-
-    6*N for the matmul parameters that a token touches, plus attention scores (12*L*h*s). For
-    MoE only the `router_topk` experts a token is routed to count, which is why BTX top-2 costs
-    far less than running every expert (BTM).
-    """
-    h, L, s = m.hidden_size, m.num_layers, m.seq_length
-    heads = m.num_attention_heads
-    kv = (m.num_query_groups or heads) * (m.kv_channels or h // heads)
-    attn = h * h * 2 + 2 * h * kv  # q, o + k, v
-    ffn_one = h * m.ffn_hidden_size * (3 if m.activation == "swiglu" else 2)
-    experts = 1
-    if m.moe.num_experts is not None:
-        experts = active_experts if active_experts is not None else m.moe.router_topk
-    router = h * m.moe.num_experts if m.moe.num_experts else 0
-    per_layer = attn + ffn_one * experts + router
-    logits = h * m.vocab_size
-    return 6.0 * (L * per_layer + logits) + 12.0 * L * h * s

@@ -109,7 +109,7 @@ def _parallel_of(cfg: ExperimentConfig, layout: Optional[str], overrides: Sequen
     return cfg.parallel if layout is None else layout_config(layout, overrides, config_name)
 
 
-def _resources(cfg: ExperimentConfig, stage: str, layout: Optional[str], overrides: Sequence[str],
+def resources(cfg: ExperimentConfig, stage: str, layout: Optional[str], overrides: Sequence[str],
                config_name: str) -> dict:
     """nodes, processes and GPUs per node, and the layout of one stage's job."""
     from nemo_btx.config.validate import min_world_size
@@ -162,7 +162,7 @@ def build_jobs(cfg: ExperimentConfig, overrides: Sequence[str] = (), config_name
             continue
         layout = group[0].layout
         assert all(u.layout == layout for u in group), f"{stage}: units at different layouts"
-        res = _resources(cfg, stage, layout, overrides, config_name)
+        res = resources(cfg, stage, layout, overrides, config_name)
         for unit in group:
             unit.nproc = res["procs_per_node"] * res["nodes"]
         gpu = res["gpus_per_node"] > 0

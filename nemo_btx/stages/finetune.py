@@ -20,6 +20,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
+from nemo_btx.config.budgets import stage_iters
 from nemo_btx.config.schema import ExperimentConfig
 from nemo_btx.model.moe_config import model_from_marker, routed_model
 from nemo_btx.run_dir import RunDir
@@ -63,7 +64,7 @@ def run(cfg: ExperimentConfig) -> None:
         log.info("finetune: %s complete, skipping", out)
         return
     require_data(cfg)
-    scfg = stage_config(resolve_config(cfg), f, f.train_iters)
+    scfg = stage_config(resolve_config(cfg), f, stage_iters(cfg, "finetune"))
     validate(scfg)
     check_vocab(load_tokenizer(RunDir.of(cfg).root), scfg.model)
     names = domain_names(cfg)

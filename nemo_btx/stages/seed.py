@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from nemo_btx.config.budgets import stage_iters
 from nemo_btx.config.schema import ExperimentConfig
 from nemo_btx.run_dir import MANIFEST, WEIGHTS, RunDir
 from nemo_btx.stages.common import domain_names, domain_weights, require_data, train_on
@@ -28,7 +29,7 @@ def run(cfg: ExperimentConfig) -> None:
     check_vocab(load_tokenizer(rd.root), cfg.model)
     if cfg.seed.checkpoint is not None:
         return adopt(cfg, Path(cfg.seed.checkpoint), out)
-    scfg = stage_config(cfg, cfg.seed, cfg.seed.train_iters)
+    scfg = stage_config(cfg, cfg.seed, stage_iters(cfg, "seed"))
     names = domain_names(cfg)
     job = TrainJob(name="seed", out_dir=out, domains=names, weights=domain_weights(cfg, names),
                    eval_domains=names, stage=cfg.seed, ledger=rd.ledger)

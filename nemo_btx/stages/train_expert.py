@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 
+from nemo_btx.config.budgets import stage_iters
 from nemo_btx.config.schema import ExperimentConfig
 from nemo_btx.errors import BtxError
 from nemo_btx.run_dir import RunDir
@@ -32,7 +33,7 @@ def run(cfg: ExperimentConfig) -> None:
     if not ckpt.is_complete(init):
         raise BtxError(f"{init}: no branched seed for '{domain}'; run `nemo-btx branch` first")
     check_vocab(load_tokenizer(rd.root), cfg.model)
-    scfg = stage_config(cfg, cfg.expert, cfg.expert.train_iters)
+    scfg = stage_config(cfg, cfg.expert, stage_iters(cfg, "experts", domain))
     job = TrainJob(name=f"expert:{domain}", out_dir=out, domains=[domain], init_from=init,
                    eval_domains=domain_names(cfg), stage=cfg.expert,
                    parent=str(rd.seed), ledger=rd.ledger)

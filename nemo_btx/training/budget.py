@@ -14,7 +14,7 @@ from typing import List
 
 from nemo_btx.config.schema import ModelConfig
 from nemo_btx.errors import BtxError
-from nemo_btx.model.build import model_flops_per_token
+from nemo_btx.planner.flops import model_flops_per_token
 from nemo_btx.run_dir import RunDir
 
 

@@ -1,0 +1,84 @@
+"""Parameters per rank by arithmetic (nemo_btx/planner/params.py) equal what megatron-core builds.
+
+Every rank's model is built for real on the meta device (no memory, no init cost) inside a
+one-process "fake" torch.distributed group of the layout's world size: megatron-core's parallel
+state, layer specs and GPTModel are the real ones, only no collective ever runs. Dense and MoE,
+tied and untied embeddings, GQA, at TP/PP/VP/EP/ETP layouts, on every pipeline stage.
+"""
+
+import pytest
+import torch
+
+from nemo_btx.config import load_config
+from nemo_btx.config.validate import min_world_size
+from nemo_btx.planner.params import rank_params, total_params
+
+SMALL = ["model.num_layers=4", "model.hidden_size=64", "model.ffn_hidden_size=96",
+         "model.num_attention_heads=8", "model.vocab_size=1000", "model.make_vocab_size_divisible_by=64"]
+MOE = ["model.moe.num_experts=4"]
+
+LAYOUTS = [
+    ([], []),
+    ([], ["parallel.tp=2"]),
+    ([], ["parallel.pp=2"]),
+    ([], ["parallel.tp=2", "parallel.pp=2", "parallel.vp=2"]),
+    (["model.num_query_groups=2", "model.untie_embeddings_and_output_weights=false"], ["parallel.pp=2"]),
+    (["model.num_query_groups=2", "model.activation=gelu", "model.normalization=LayerNorm"], ["parallel.tp=2"]),
+    (MOE, []),
+    (MOE, ["parallel.ep=2"]),
+    (MOE, ["parallel.ep=4", "parallel.tp=2", "parallel.etp=1"]),
+    (MOE, ["parallel.ep=2", "parallel.tp=2"]),  # etp = tp
+    (MOE, ["parallel.ep=2", "parallel.pp=2", "parallel.tp=2", "parallel.etp=1"]),
+]
+
+
+def built_counts(cfg, rank: int, world: int) -> tuple:
+    """(dense, expert) parameters of the GPTModel chunks megatron-core builds on `rank`."""
+    from megatron.core import parallel_state
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from nemo_btx.config.validate import etp_of
+    from nemo_btx.model.build import build_model
+    from nemo_btx.runtime.cpu import apply_cpu_redirections
+
+    apply_cpu_redirections()  # as init_runtime does on a machine without CUDA
+    p = cfg.parallel
+    torch.distributed.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+    try:
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=p.pp,
+            virtual_pipeline_model_parallel_size=p.vp, expert_model_parallel_size=p.ep,
+            expert_tensor_parallel_size=etp_of(p), create_gloo_process_groups=False)
+        with torch.device("meta"):
+            chunks = build_model(cfg, wrap_ddp=False)
+        dense = expert = 0
+        for chunk in chunks:
+            for name, param in chunk.named_parameters():
+                if ".experts." in name:
+                    expert += param.numel()
+                else:
+                    dense += param.numel()
+        return parallel_state.get_pipeline_model_parallel_rank(), dense, expert
+    finally:
+        parallel_state.destroy_model_parallel()
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("model,layout", LAYOUTS, ids=lambda x: " ".join(x) or "-")
+def test_rank_params_equal_megatron_core(model, layout, monkeypatch):
+    # Tied embeddings under PP: megatron moves the shared weight with .cuda() before its
+    # all-reduce; on this CUDA-less machine the (meta) tensor stays where it is.
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *args, **kwargs: self)
+    cfg = load_config([*SMALL, *model, *layout])
+    world = min_world_size(cfg.parallel)
+    per_stage = world // cfg.parallel.pp
+    for pp_rank in range(cfg.parallel.pp):
+        stage, dense, expert = built_counts(cfg, rank=pp_rank * per_stage, world=world)
+        assert stage == pp_rank
+        want = rank_params(cfg.model, cfg.parallel, pp_rank)
+        assert (want.dense, want.expert) == (dense, expert), (layout, pp_rank)
+
+
+def test_total_params_of_llama2_7b():
+    cfg = load_config(["model=llama2_7b"])
+    assert total_params(cfg.model) == 6_738_415_616  # Llama-2-7b-hf's published count
