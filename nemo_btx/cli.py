@@ -83,17 +83,25 @@ def _builtin(command: str, overrides: List[str], config_name: str) -> int:
     from nemo_btx.config import load_config, to_yaml, validate
 
     cfg = load_config(overrides, config_name=config_name)
+    if command != "config":
+        from nemo_btx.planner.scale import check_scale
+
+        check_scale(cfg)
     if command == "config":
         sys.stdout.write(to_yaml(cfg))
         print(budgets_comment(cfg))
         return 0
+    from nemo_btx.model.agreement import check_seed
+
     if command == "plan":
         from nemo_btx.orchestration.planning import plan_experiment, render
 
         validate(cfg)
+        check_seed(cfg)
         print(render(cfg, plan_experiment(cfg, overrides, config_name)))
         return 0
     world = validate(cfg)
+    check_seed(cfg)
     _check_fits(cfg, overrides, config_name)
     p = cfg.parallel
     print(f"config OK: model {cfg.model.name} ({cfg.model.num_layers} layers, hidden "
@@ -144,7 +152,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         from nemo_btx.config import load_config, validate
         from nemo_btx.config.validate import check_config
 
+        from nemo_btx.planner.scale import check_scale
+
         cfg = load_config(args.overrides, config_name=args.config_name)
+        if args.command not in ("import-hf", "export-hf"):  # (importing is how a seed is made)
+            check_scale(cfg)  # a 7B model on the toy corpora, or without its seed: refused first
         check_config(cfg)  # every section, before a stage module loads or reads a checkpoint
         if args.command in ("run", "launch"):
             # The whole experiment: its merge recipes and benchmark data are checked now,

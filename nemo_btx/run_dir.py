@@ -63,6 +63,17 @@ class Baseline:
     matched: str
     """'data': as many MoE steps as BTX's finetune; 'compute': BTX's expert + finetune FLOPs."""
 
+    @property
+    def stage(self) -> str:
+        """The pipeline stage that trains it: the MoE baselines share `baselines` (one layout,
+        one Slurm array); the dense one has its own, `dense`, at a dense layout."""
+        return "baselines" if self.moe else "dense"
+
+    @property
+    def unit(self) -> str:
+        """Its unit's name in the plan (orchestration.units)."""
+        return f"baselines:{self.name}" if self.moe else "dense"
+
 
 BASELINES: Tuple[Baseline, ...] = (
     Baseline("upcycle-data", "Sparse upcycling (data-matched)", moe=True, matched="data"),
@@ -274,7 +285,7 @@ class RunDir:
         for b in BASELINES:
             if b.name in baselines:
                 out.append(Model(b.name, b.label, f"baselines/{b.name}", (f"baselines/{b.name}/weights",),
-                                 category=b.name, needs=(f"baselines:{b.name}",)))
+                                 category=b.name, needs=(b.unit,)))
         # The finetuned MoE, else (evaluated early, or finetune skipped) the mixed one.
         out.append(Model("btx", "BTX", "btx/finetuned", ("btx/finetuned/weights", "btx/mixed"),
                          category="finetune", needs=("finetune",)))

@@ -2,6 +2,7 @@
 experiment (`make run`, the README's main command) that several slow tests inspect, and the
 seed of the suite's random choices (kill points), printed so that a failure can be replayed."""
 
+import json
 import os
 import random
 import socket
@@ -127,6 +128,29 @@ def _fresh_megatron_state():
         parallel_state.destroy_model_parallel()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def paper_inputs(root: Path) -> list:
+    """What `experiment=llama2_7b_h100` requires, as files a config check accepts: an imported
+    seed's directory (its marker says Llama-2 7B) with its tokenizer, and a corpus per domain.
+    Returns the overrides that point at them."""
+    import dataclasses
+
+    from nemo_btx.config import load_config
+    from nemo_btx.run_dir import CHECKPOINT_MARKER
+
+    seed = root / "llama2_7b"
+    (seed / "tokenizer").mkdir(parents=True, exist_ok=True)
+    model = load_config(["experiment=llama2_7b_h100"]).model
+    (seed / CHECKPOINT_MARKER).write_text(json.dumps({"kind": "weights", "model": dataclasses.asdict(model)}))
+    (seed / "tokenizer" / "tokenizer.json").write_text('{"model": {"type": "BPE"}}')
+    out = [f"seed.checkpoint={seed}", f"data.tokenizer.path={seed / 'tokenizer'}"]
+    for i, name in enumerate(("code", "math", "wiki")):
+        corpus = root / "corpora" / f"{name}.jsonl"
+        corpus.parent.mkdir(parents=True, exist_ok=True)
+        corpus.write_text("".join(json.dumps({"text": f"{name} document {k}"}) + "\n" for k in range(4)))
+        out.append(f"data.domains.{i}.source={corpus}")
+    return out
 
 
 # A small but complete experiment: every stage, every model, every task (few documents).

@@ -147,6 +147,12 @@ class TrainConfig:
     precision: str = choice("auto", "auto", "fp32", "bf16")
     """auto = bf16 on GPU, fp32 on CPU."""
     log_interval: int = 5
+    optimizer_save_gather: str = choice("dp0", "dp0", "all")
+    """How a training checkpoint gathers the distributed optimizer's shards to write them per
+    model tensor (the format that resumes at any layout): dp0 onto data-parallel rank 0 over
+    gloo (host memory: one copy of each model-parallel shard's optimizer state per node's DP
+    rank 0 ranks); all onto every rank over NCCL (faster, DP times the host memory; GPU only).
+    `nemo-btx plan` shows the host memory per node either way."""
 
 
 @dataclass(kw_only=True)
@@ -272,7 +278,11 @@ class SeedConfig(TrainStageConfig):
     model.seq_length), rounded up); null = train_iters."""
     checkpoint: Optional[str] = None
     """Use this existing checkpoint (weights or training checkpoint dir) as the seed instead
-    of training one, e.g. an imported Llama-2 7B."""
+    of training one, e.g. an imported Llama-2 7B. Its architecture and tokenizer must be the
+    run's (checked before anything runs: nemo_btx/model/agreement.py)."""
+    from_scratch: bool = False
+    """A model of 1B parameters or more needs seed.checkpoint unless this is true (pretraining
+    such a seed is a project of its own; the tiny default always trains its seed)."""
 
 
 @dataclass(kw_only=True)
@@ -403,6 +413,9 @@ class StageLayouts:
     finetune: Optional[str] = None
     upcycle: Optional[str] = None
     baselines: Optional[str] = None
+    """The upcycled MoE baselines (upcycle-data, upcycle-compute)."""
+    dense: Optional[str] = None
+    """The dense baseline (a dense model: typically the experts' layout)."""
     eval: Optional[str] = None
 
 

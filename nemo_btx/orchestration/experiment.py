@@ -23,8 +23,10 @@ def preflight(cfg: ExperimentConfig) -> None:
     data of the evaluation. No torch."""
     from nemo_btx.evaluation.benchmarks import runnable
     from nemo_btx.mixing.recipe import mix_recipe, upcycle_recipe
+    from nemo_btx.model.agreement import check_seed
     from nemo_btx.run_dir import baseline
 
+    check_seed(cfg)
     mix_recipe(cfg)
     if any(baseline(b).moe for b in cfg.baselines.which):
         upcycle_recipe(cfg)

@@ -18,6 +18,7 @@ from nemo_btx.config.schema import ExperimentConfig, ModelConfig, ParallelConfig
 from nemo_btx.errors import ConfigError
 from nemo_btx.planner import flops, memory
 from nemo_btx.planner.params import rank_params, total_params
+from nemo_btx.run_dir import BASELINES, baseline
 
 DAY = 86400.0
 
@@ -96,7 +97,8 @@ def _train(cfg, name: str, stage: str, model: ModelConfig, tokens: float, overri
     return StagePlan(
         name=name, kind="train", model=model, layout=layout, layout_name=layout_name or "parallel",
         nodes=nodes, recompute=p.recompute, tokens=steps * per_step, steps=steps, memory=parts,
-        host_save=memory.checkpoint_host_bytes(model, layout, precision=precision, ranks_per_node=per_node),
+        host_save=memory.checkpoint_host_bytes(model, layout, precision=precision, ranks_per_node=per_node,
+                                               gather=cfg.train.optimizer_save_gather),
         step_s=step_s, gpu_days=steps * step_s * world / DAY)
 
 
@@ -154,10 +156,10 @@ def plan_experiment(cfg: ExperimentConfig, overrides: Sequence[str] = (),
         btx_flops = sum(r.tokens * flops.model_flops_per_token(r.model) for r in rows
                         if r.name.startswith("experts:") or r.name == "finetune")
         for w in which:
-            model = dense if w == "dense" else upcycled
-            tokens = finetune_tokens if w == "upcycle-data" else btx_flops / flops.model_flops_per_token(model)
-            rows.append(_train(cfg, f"baselines:{w}", "baselines", model, tokens, overrides,
-                               config_name, precision))
+            b = baseline(w)
+            model = upcycled if b.moe else dense
+            tokens = finetune_tokens if b.matched == "data" else btx_flops / flops.model_flops_per_token(model)
+            rows.append(_train(cfg, b.unit, b.stage, model, tokens, overrides, config_name, precision))
     rows.append(_eval(cfg, "eval:btx", btx, overrides, config_name, precision))
     return rows
 
@@ -192,8 +194,8 @@ def _layout_text(r: StagePlan) -> str:
     p = r.layout.parallel
     bits = [f"tp{p.tp}"] + ([f"pp{p.pp}"] if p.pp > 1 else []) + ([f"vp{p.vp}"] if p.vp else []) \
         + ([f"ep{p.ep}"] if p.ep > 1 else []) + [f"dp{r.layout.dp}"]
-    return "x".join(bits) + (" +DO" if p.distributed_optimizer else "") + \
-        (f" rc:{r.recompute}" if r.recompute != "none" else "")
+    return "x".join(bits) + ("/DO" if p.distributed_optimizer else "") + \
+        (f"/rc:{r.recompute}" if r.recompute != "none" else "")
 
 
 def render(cfg: ExperimentConfig, rows: Sequence[StagePlan]) -> str:
@@ -206,7 +208,7 @@ def render(cfg: ExperimentConfig, rows: Sequence[StagePlan]) -> str:
                 f"TFLOP/s peak at MFU {cfg.plan.mfu:g}" if gpu else "CPU (no GPU memory check)"),
              "",
              f"{'stage':<26} {'layout':<24} {'GPUs':>5} {'params/GPU':>10} {'weights':>8} {'grads':>6} "
-             f"{'optim':>6} {'optim-DO':>8} {'activ':>6} {'total GB':>8} {'fits':>4} {'host GB':>7}"]
+             f"{'optim':>6} {'no-DO':>8} {'activ':>6} {'total GB':>8} {'fits':>4} {'host GB':>7}"]
     for r in rows:
         m = r.memory
         params = max(rank_params(r.model, r.layout.parallel, k).total for k in range(r.layout.parallel.pp))
@@ -221,7 +223,7 @@ def render(cfg: ExperimentConfig, rows: Sequence[StagePlan]) -> str:
             f"{_gb(m.get('weights', 0)):>8} {_gb(m.get('gradients', 0)):>6} {_gb(m.get('optimizer', 0)):>6} "
             f"{unsharded:>8} {_gb(m.get('activations', m.get('kv_cache', 0))):>6} {_gb(m['total']):>8} "
             f"{fits:>4} {(_gb(r.host_save) if r.host_save else ''):>7}")
-    lines += ["", "optim: the optimizer state as configured; optim-DO: without the distributed optimizer "
+    lines += ["", "layout: /DO distributed optimizer, /rc recomputation; optim: the optimizer state as configured; no-DO: the optimizer state without the distributed optimizer "
               "(fp32 master + Adam moments on every data-parallel rank); activ: activations (eval: KV cache); "
               "host GB: host memory of a checkpoint save on the busiest node", ""]
     lines.append(f"{'stage':<26} {'tokens':>12} {'steps':>8} {'step s':>8} {'GPU-days':>9}")
@@ -240,11 +242,9 @@ def paper_table(rows: Sequence[StagePlan]) -> List[str]:
     ft = by.get("finetune")
     methods = [("BTM (experts only)", e_tok, e_days, 0.0, 0.0),
                ("BTX", e_tok, e_days, ft.tokens if ft else 0.0, ft.gpu_days if ft else 0.0)]
-    for name, label in (("baselines:upcycle-data", "sparse upcycling (data-matched)"),
-                        ("baselines:upcycle-compute", "sparse upcycling (compute-matched)"),
-                        ("baselines:dense", "dense (compute-matched)")):
-        if name in by:
-            methods.append((label, 0.0, 0.0, by[name].tokens, by[name].gpu_days))
+    for b in BASELINES:
+        if b.unit in by:
+            methods.append((b.label, 0.0, 0.0, by[b.unit].tokens, by[b.unit].gpu_days))
     out = [f"{'method':<36} {'expert tokens':>13} {'GPU-days':>9} {'MoE/dense tokens':>16} {'GPU-days':>9} "
            f"{'total tokens':>12} {'GPU-days':>9}"]
     for label, et, ed, mt, md in methods:

@@ -297,7 +297,8 @@ def render_script(job: Job, cfg: ExperimentConfig, target: Target, has_parents: 
     logs = rd.slurm_logs
     lines = ["#!/bin/bash"]
     what = {"tokenize": "one array task per unit of a domain's input", "data": "one array task per domain",
-            "experts": "one array task per domain", "baselines": "one array task per baseline",
+            "experts": "one array task per domain", "baselines": "one array task per MoE baseline",
+            "dense": "the dense baseline, at its own layout",
             "eval": "one array task per model"}.get(job.stage)
     lines.append(f"# nemo-btx: stage `{job.stage}` of the experiment in {cfg.run.dir}"
                  f"{f' ({what})' if what else ''}.")
@@ -445,7 +446,13 @@ def render_files(cfg: ExperimentConfig, target: Target, jobs: Optional[List[Job]
 
 
 #: The checked-in example chain (slurm/<name>/): what a cluster user reads and submits by hand.
-EXAMPLES = {"llama2_7b_h100": ["experiment=llama2_7b_h100"]}
+#: The 7B recipe on corpora already tokenized by Megatron-LM's tools/preprocess_data.py (raw
+#: .jsonl/.parquet corpora add a tokenize array per domain, sized by the files `launch` finds).
+EXAMPLES = {"llama2_7b_h100": [
+    "experiment=llama2_7b_h100", "seed.checkpoint=/ckpt/llama2_7b",
+    "data.tokenizer.path=/ckpt/llama2_7b/tokenizer",
+    "data.domains.0.prefix=/data/code_text_document", "data.domains.1.prefix=/data/math_text_document",
+    "data.domains.2.prefix=/data/wiki_text_document"]}
 
 
 def example_files(name: str) -> Dict[str, str]:

@@ -20,7 +20,7 @@ from nemo_btx.run_dir import CHECKPOINT_MARKER, MANIFEST, REPORT_JSON, RunDir, b
 
 #: Stages in pipeline order (the names --from / --only take).
 STAGES = ("tokenizer", "tokenize", "data", "seed", "branch", "experts", "mix", "finetune", "upcycle",
-          "baselines", "eval", "report")
+          "baselines", "dense", "eval", "report")
 
 
 @dataclass
@@ -78,11 +78,13 @@ def plan(cfg: ExperimentConfig) -> List[Unit]:
         units.append(Unit("upcycle", None, ["upcycle"], [rd.upcycled], _marker(rd.upcycled / MANIFEST),
                           ("seed",), layouts.upcycle))
     for name in which:
-        out = rd.baseline(name)
-        # Every baseline is matched to BTX's finetune (steps or FLOPs from the ledger).
-        needs = ("finetune", "upcycle") if baseline(name).moe else ("seed", "finetune")
-        units.append(Unit("baselines", name, ["baselines", f"baselines.which=[{name}]"], [out],
-                          _marker(out / MANIFEST), needs, layouts.baselines))
+        out, b = rd.baseline(name), baseline(name)
+        # Every baseline is matched to BTX's finetune (steps or FLOPs from the ledger). The dense
+        # one is a stage of its own: it trains at a dense layout, the MoE ones at an MoE layout.
+        needs = ("finetune", "upcycle") if b.moe else ("seed", "finetune")
+        units.append(Unit(b.stage, name if b.moe else None, ["baselines", f"baselines.which=[{name}]"],
+                          [out], _marker(out / MANIFEST), needs,
+                          layouts.baselines if b.moe else layouts.dense))
     evals = []
     for model in rd.models(names, which):
         evals.append(Unit("eval", model.name, ["eval", f"eval.model={model.name}"], [rd.eval_dir(model.name)],

@@ -209,20 +209,26 @@ def inference_memory(m: ModelConfig, layout: Layout, *, precision: str, batch: i
     return {"weights": params.total * act, "kv_cache": kv, "logits": logits, "overhead": overhead}
 
 
-def checkpoint_host_bytes(m: ModelConfig, layout: Layout, *, precision: str,
-                          ranks_per_node: int) -> float:
-    """Host memory a node needs while a training checkpoint is saved: megatron-core's torch_dist
-    writer copies every tensor a rank writes to host memory before writing it. Each rank writes
-    its optimizer shard (with the distributed optimizer) or, without it, the data-parallel rank 0
-    of each model-parallel group writes the whole state of its shard. The largest node is
-    counted: the one holding data-parallel rank 0."""
+def checkpoint_host_bytes(m: ModelConfig, layout: Layout, *, precision: str, ranks_per_node: int,
+                          gather: str = "dp0") -> float:
+    """Host memory the first node needs while a training checkpoint is saved.
+
+    megatron-core's torch_dist writer stages every tensor a rank writes in host memory; a
+    replicated tensor is written by its data-parallel rank 0 only. With the distributed
+    optimizer the state is written per model tensor (resumable at any layout), so the shards
+    are first gathered: onto data-parallel rank 0 (train.optimizer_save_gather=dp0) or onto
+    every rank (all). Rank r of a node: tp, cp, dp, pp in megatron-core's order (experts:
+    etp, ep, edp, pp)."""
     p = layout.parallel
     params = rank_params(m, p, 0)
-    weights = params.total * param_bytes(precision)
-    optim = (ADAM_BYTES + (4 if precision == "bf16" else 0))
-    model_parallel = p.tp * p.pp * p.cp
-    replicas_on_node = min(ranks_per_node, model_parallel)  # DP rank 0's ranks on the first node
-    if p.distributed_optimizer:
-        shard = optim * (params.dense / layout.dp + params.expert / layout.edp)
-        return replicas_on_node * weights + ranks_per_node * shard
-    return replicas_on_node * (weights + optim * params.total)
+    optim = ADAM_BYTES + (4 if precision == "bf16" else 0)
+    cp, etp = p.cp, etp_of(p)
+    total = 0.0
+    for r in range(min(ranks_per_node, layout.world)):
+        dense_dp0 = (r // (p.tp * cp)) % layout.dp == 0
+        expert_dp0 = (r // (etp * p.ep)) % layout.edp == 0
+        holds = (lambda dp0: dp0 or (p.distributed_optimizer and gather == "all"))
+        total += dense_dp0 * params.dense * param_bytes(precision)
+        total += expert_dp0 * params.expert * param_bytes(precision)
+        total += holds(dense_dp0) * params.dense * optim + holds(expert_dp0) * params.expert * optim
+    return total

@@ -28,6 +28,9 @@ def run(cfg: ExperimentConfig) -> None:
     require_data(cfg)
     check_vocab(load_tokenizer(rd.root), cfg.model)
     if cfg.seed.checkpoint is not None:
+        from nemo_btx.model.agreement import check_seed
+
+        check_seed(cfg)
         return adopt(cfg, Path(cfg.seed.checkpoint), out)
     scfg = stage_config(cfg, cfg.seed, stage_iters(cfg, "seed"))
     names = domain_names(cfg)

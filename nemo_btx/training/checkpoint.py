@@ -56,14 +56,17 @@ def model_sharded_state_dict(chunks: List[torch.nn.Module]) -> Dict[str, dict]:
     return {f"model{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
 
 
-def _optimizer_metadata() -> dict:
+def _optimizer_metadata(gather: str = "dp0") -> dict:
     # fully_reshardable: distributed-optimizer state is stored per model tensor, so it reshards
     # to other TP/PP/DP layouts like the weights do (megatron-core 0.16's recommended format;
-    # fully_sharded_model_space is deprecated and refuses flattened ranges).
-    # The memory-efficient variant gathers over the gloo data-parallel groups (CPU tensors);
-    # the other one moves shards to CUDA for NCCL, so it is the choice on GPUs only.
+    # fully_sharded_model_space is deprecated and refuses flattened ranges). To write it, the
+    # shards are gathered: `dp0` (train.optimizer_save_gather) over the gloo data-parallel
+    # groups onto data-parallel rank 0 only, which alone holds its model-parallel shard's whole
+    # state in host memory; `all` with NCCL onto every rank (faster, but every rank holds that
+    # state: 8 x ~40 GB per node for a 7B expert at TP2). On CPU only `dp0` exists (no NCCL).
+    efficient = gather == "dp0" or not torch.cuda.is_available()
     return {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True,
-            "distrib_optim_fully_reshardable_mem_efficient": not torch.cuda.is_available()}
+            "distrib_optim_fully_reshardable_mem_efficient": efficient}
 
 
 def _rank0() -> bool:
@@ -281,14 +284,15 @@ def _set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _training_state(chunks, optimizer, scheduler, step: int, extra: dict, loading: bool) -> dict:
+def _training_state(chunks, optimizer, scheduler, step: int, extra: dict, loading: bool,
+                    gather: str = "dp0") -> dict:
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     model_sd = model_sharded_state_dict(chunks)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     state = dict(model_sd)
     state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=loading,
-                                                      metadata=_optimizer_metadata())
+                                                      metadata=_optimizer_metadata(gather))
     state["scheduler"] = scheduler.state_dict()
     state["step"] = step
     state["extra"] = extra
@@ -298,10 +302,10 @@ def _training_state(chunks, optimizer, scheduler, step: int, extra: dict, loadin
 
 
 def save_training_checkpoint(root: Path, chunks, optimizer, scheduler, step: int, model_cfg,
-                             extra: Optional[dict] = None, keep: int = 2) -> Path:
+                             extra: Optional[dict] = None, keep: int = 2, gather: str = "dp0") -> Path:
     """Collective: model, optimizer, LR schedule, RNG and data position after `step` steps."""
     path = step_dir(root, step)
-    state = _training_state(chunks, optimizer, scheduler, step, extra or {}, loading=False)
+    state = _training_state(chunks, optimizer, scheduler, step, extra or {}, loading=False, gather=gather)
     _write(path, state, make_marker("training", current_layout(), model_cfg,
                                 {"step": step, **(extra or {})}))
     if _rank0() and keep > 0:

@@ -224,7 +224,7 @@ def run_training(cfg: ExperimentConfig, job: TrainJob, rt,
                     extra={"tokens_seen": done * tokens_per_step,
                            "wall_s": spent_before["wall_s"] + so_far,
                            "device_seconds": spent_before["device_seconds"] + so_far * rt.world_size},
-                    keep=stage.keep_checkpoints)
+                    keep=stage.keep_checkpoints, gather=t.optimizer_save_gather)
             if stop:
                 log.info("%s: stop requested: checkpoint at step %d saved; exiting with %d to be "
                          "requeued", job.name, done, preemption.EXIT_REQUEUE)

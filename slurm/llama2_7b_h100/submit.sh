@@ -26,7 +26,9 @@ upcycle=$(submit --dependency=afterok:$seed "$HERE/08-upcycle.sbatch")
 echo "upcycle $upcycle"
 baselines=$(submit --dependency=afterok:$finetune:$upcycle "$HERE/09-baselines.sbatch")
 echo "baselines $baselines"
-eval=$(submit --dependency=afterok:$baselines "$HERE/10-eval.sbatch")
+dense=$(submit --dependency=afterok:$finetune "$HERE/10-dense.sbatch")
+echo "dense $dense"
+eval=$(submit --dependency=afterok:$baselines:$dense "$HERE/11-eval.sbatch")
 echo "eval $eval"
-report=$(submit --dependency=afterok:$eval "$HERE/11-report.sbatch")
+report=$(submit --dependency=afterok:$eval "$HERE/12-report.sbatch")
 echo "report $report"

@@ -126,9 +126,11 @@ def test_subprocess_exit_code_one_line_nothing_written(tmp_path, command, overri
     assert list(tmp_path.iterdir()) == []
 
 
-def test_defaults_and_the_7b_preset_validate():
+def test_defaults_and_the_7b_preset_validate(tmp_path):
+    from conftest import paper_inputs
+
     assert validate(load_config([])) == 1
-    assert validate(load_config(["experiment=llama2_7b_h100"]), world_size=8) == 8
+    assert validate(load_config(["experiment=llama2_7b_h100", *paper_inputs(tmp_path)]), world_size=8) == 8
 
 
 def test_inputs_a_run_writes_itself_are_not_required_up_front(tmp_path):

@@ -69,8 +69,11 @@ def test_unknown_keys_and_wrong_types(overrides, key, words):
     assert words in str(err.value)
 
 
-def test_llama2_7b_is_the_papers_seed_on_h100_layout():
-    cfg = load_config(["experiment=llama2_7b_h100"])
+def test_llama2_7b_is_the_papers_seed_on_h100_layout(tmp_path):
+    from conftest import paper_inputs
+
+    inputs = paper_inputs(tmp_path)
+    cfg = load_config(["experiment=llama2_7b_h100", *inputs])
     m = cfg.model
     assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.ffn_hidden_size,
             m.vocab_size, m.seq_length) == (32, 4096, 32, 11008, 32000, 4096)
@@ -79,7 +82,7 @@ def test_llama2_7b_is_the_papers_seed_on_h100_layout():
     assert cfg.train.global_batch_size * m.seq_length == 4 * 1024 * 1024  # 4M-token batches
     assert validate(cfg, world_size=8) == 8  # one 8-GPU node: TP=2 x DP=4
     moe = load_config(["experiment=llama2_7b_h100", "parallel=llama2_7b_moe_h100",
-                       "model.moe.num_experts=4"])
+                       "model.moe.num_experts=4", *inputs])
     assert validate(moe, world_size=16) == 16
 
 

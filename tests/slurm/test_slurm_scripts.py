@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, clean_env
+from nemo_btx.orchestration.slurm import EXAMPLES
 
-H100 = ["experiment=llama2_7b_h100"]
+H100 = EXAMPLES["llama2_7b_h100"]
 
 
 def load(overrides):
@@ -62,7 +63,7 @@ def test_llama2_7b_h100_chain(tmp_path):
     domains = [d.name for d in cfg.data.domains]
     by_stage = {j.stage: j for j in jobs}
     assert [j.stage for j in jobs] == ["tokenizer", "data", "seed", "branch", "experts", "mix", "finetune", "upcycle",
-                                       "baselines", "eval", "report"]
+                                       "baselines", "dense", "eval", "report"]
 
     # The experts: one array task per domain, each a full node at TP2 x DP4.
     experts = files[by_stage["experts"].script]
@@ -74,7 +75,8 @@ def test_llama2_7b_h100_chain(tmp_path):
         assert f"  {i}) UNIT=experts:{d}; ARGS=(train-expert domain={d}) ;;" in experts
     assert "# Layout llama2_7b_h100: tp 2 x pp 1 x cp 1 x dp 4 = 8 processes (1 node x 8 GPUs)" in experts
 
-    # Every GPU job: TP x PP x CP x DP = the GPUs it asks for; the MoE stages at EP4 x TP2.
+    # Every GPU job: TP x PP x CP x DP = the GPUs it asks for; the dense stages on one node,
+    # the MoE stages at EP4 x TP2 on two (their world size; `nemo-btx plan` says why).
     for job in jobs:
         opts = sbatch_options(files[job.script])
         gpus = int(opts.get("gpus-per-node", 0)) * int(opts["nodes"])
@@ -82,7 +84,9 @@ def test_llama2_7b_h100_chain(tmp_path):
         if job.parallel is not None:
             p = job.parallel
             dp = job.world_size // (p.tp * p.pp * p.cp)
-            assert p.tp * p.pp * p.cp * dp == job.world_size == gpus == 8, job.stage
+            want = 16 if job.layout == "llama2_7b_moe_h100" else 8
+            assert p.tp * p.pp * p.cp * dp == job.world_size == gpus == want, job.stage
+            assert opts["nodes"] == str(want // 8) and opts["gpus-per-node"] == "8"
             assert f"--nproc-per-node={job.procs_per_node}" in files[job.script]
     for stage in ("mix", "finetune", "upcycle"):
         p = by_stage[stage].parallel
@@ -91,15 +95,18 @@ def test_llama2_7b_h100_chain(tmp_path):
         assert "gpus-per-node" not in sbatch_options(files[by_stage[stage].script])
     eval_opts = sbatch_options(files[by_stage["eval"].script])
     assert eval_opts["array"] == f"0-{len(by_stage['eval'].units) - 1}" and eval_opts["gpus-per-node"] == "1"
-    assert sbatch_options(files[by_stage["baselines"].script])["array"] == "0-2"
+    # The MoE baselines: one array at the MoE layout; the dense one its own job at a dense layout.
+    assert sbatch_options(files[by_stage["baselines"].script])["array"] == "0-1"
+    assert by_stage["baselines"].layout == "llama2_7b_moe_h100" and by_stage["dense"].layout == "llama2_7b_h100"
+    assert "array" not in sbatch_options(files[by_stage["dense"].script])
 
     # The chain: afterok on the parents, submitted after them; a failure cancels what follows.
     subs = submissions(files["submit.sh"])
     assert list(subs) == [j.stage for j in jobs]
     assert {s: deps for s, (_, deps, _) in subs.items()} == {
         "tokenizer": [], "data": ["tokenizer"], "seed": ["data"], "branch": ["seed"], "experts": ["branch"], "mix": ["experts"],
-        "finetune": ["mix"], "upcycle": ["seed"], "baselines": ["finetune", "upcycle"],
-        "eval": ["baselines"], "report": ["eval"]}
+        "finetune": ["mix"], "upcycle": ["seed"], "baselines": ["finetune", "upcycle"], "dense": ["finetune"],
+        "eval": ["baselines", "dense"], "report": ["eval"]}
     for job in jobs[1:]:
         assert sbatch_options(files[job.script])["kill-on-invalid-dep"] == "yes"
     assert "kill-on-invalid-dep" not in sbatch_options(files[jobs[0].script])
@@ -255,7 +262,7 @@ def test_dependencies_skip_complete_stages(tmp_path):
     _, jobs, _ = h100_jobs(tmp_path)
     assert dependencies(jobs, ["experts", "mix", "finetune", "baselines", "eval", "report"]) == {
         "experts": [], "mix": ["experts"], "finetune": ["mix"], "baselines": ["finetune"],
-        "eval": ["baselines"], "report": ["eval"]}
+        "eval": ["finetune", "baselines"], "report": ["eval"]}  # (dense, not submitted: its parent)
     assert dependencies(jobs, ["data", "eval", "report"]) == {"data": [], "eval": ["data"], "report": ["eval"]}
     assert dependencies(jobs, ["tokenizer", "seed"]) == {"tokenizer": [], "seed": ["tokenizer"]}
 

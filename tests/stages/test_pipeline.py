@@ -38,7 +38,7 @@ def test_plan_orders_every_stage_and_model(tmp_path):
     names = names[3:]
     assert names[:6] == ["data:wiki", "seed", "branch", "experts:code", "experts:math", "experts:wiki"]
     assert names[6:9] == ["mix", "finetune", "upcycle"]
-    assert names[9:12] == ["baselines:upcycle-data", "baselines:upcycle-compute", "baselines:dense"]
+    assert names[9:12] == ["baselines:upcycle-data", "baselines:upcycle-compute", "dense"]
     assert names[12:] == ["eval:seed", "eval:expert-code", "eval:expert-math", "eval:expert-wiki",
                           "eval:btm-top1", "eval:btm-top2", "eval:upcycle-data", "eval:upcycle-compute",
                           "eval:dense", "eval:btx", "report"]

@@ -1,0 +1,75 @@
+"""The seed checkpoint and the run must agree before anything trains (seed.checkpoint).
+
+An adopted seed (an imported Llama, or another run's seed) fixes the architecture and the
+tokenizer: every expert starts from it, and its embedding rows mean the ids of the tokenizer it
+was trained with. A run whose config or tokenizer differs would fail to load the weights days
+later, or worse, load them and train on ids that mean other tokens. Checked from the files
+alone (the checkpoint's marker and tokenizer), without torch, by `run`/`launch` up front and by
+the seed stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Optional
+
+from nemo_btx.config.schema import SHAPE_FIELDS, ExperimentConfig
+from nemo_btx.data.tokenizer import TOKENIZER_FILE, hf_tokenizer_file
+from nemo_btx.errors import ConfigError
+from nemo_btx.run_dir import CHECKPOINT_MARKER, WEIGHTS, RunDir, checkpoint_tokenizer, find_run_dir
+
+#: Besides the shapes: fields that change what the weights compute.
+BEHAVIOUR_FIELDS = ("rotary_base", "position_embedding_type", "norm_epsilon")
+
+
+def seed_marker(path: Path) -> dict:
+    """The marker of a weights or training checkpoint directory (or a seed stage's output)."""
+    for candidate in (path / CHECKPOINT_MARKER, path / WEIGHTS / CHECKPOINT_MARKER):
+        if candidate.is_file():
+            return json.loads(candidate.read_text())
+    raise ConfigError("seed.checkpoint", str(path), f"no {CHECKPOINT_MARKER}: not a complete checkpoint "
+                      "(import one with `nemo-btx import-hf`)")
+
+
+def seed_tokenizer(path: Path) -> Optional[Path]:
+    """The tokenizer.json the seed was trained with: imported with it, or its run's."""
+    own = checkpoint_tokenizer(path) / TOKENIZER_FILE
+    if own.is_file():
+        return own
+    run = find_run_dir(path)
+    if run is not None and (RunDir(run).tokenizer / TOKENIZER_FILE).is_file():
+        return RunDir(run).tokenizer / TOKENIZER_FILE
+    return None
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def check_seed(cfg: ExperimentConfig) -> None:
+    """Architecture and tokenizer of seed.checkpoint against the run's; one line naming both."""
+    if cfg.seed.checkpoint is None:
+        return
+    path = Path(cfg.seed.checkpoint).expanduser()
+    saved = seed_marker(path).get("model") or {}
+    want = cfg.model
+    for name in (*SHAPE_FIELDS, *BEHAVIOUR_FIELDS):
+        if name in saved and saved[name] != getattr(want, name):
+            raise ConfigError(f"model.{name}", getattr(want, name),
+                              f"the seed {path} has {name}={saved[name]!r}; the run must use the "
+                              f"seed's architecture (model.{name}={saved[name]!r})")
+    theirs = seed_tokenizer(path)
+    if theirs is None:
+        return  # a seed without a known tokenizer: the vocabulary check above is all we have
+    tok = cfg.data.tokenizer
+    if tok.kind != "hf":
+        raise ConfigError("data.tokenizer.kind", tok.kind,
+                          f"a new BPE would give ids the seed never saw; use the seed's tokenizer: "
+                          f"data.tokenizer.kind=hf data.tokenizer.path={theirs.parent}")
+    ours = hf_tokenizer_file(tok.path)
+    if _sha(ours) != _sha(theirs):
+        raise ConfigError("data.tokenizer.path", tok.path,
+                          f"{ours} (sha256 {_sha(ours)}) is not the seed's tokenizer {theirs} "
+                          f"(sha256 {_sha(theirs)})")
