@@ -13,7 +13,7 @@ from typing import Callable, List, Optional
 import torch
 import torch.nn.functional as F
 
-from nemo_btx.config.schema import ExperimentConfig, ModelConfig
+from nemo_btx.config.schema import ExperimentConfig
 from nemo_btx.config.validate import etp_of, sequence_parallel_of
 # The counting rules live in the planner (no torch there); re-exported for the model's users.
 from nemo_btx.planner.flops import model_flops_per_token  # noqa: F401

@@ -195,7 +195,8 @@ def run(cfg: ExperimentConfig, overrides: Sequence[str] = (), config_name: str =
     nprocs = {}
     for unit in units:
         if unit.layout not in nprocs:
-            nprocs[unit.layout] = nproc_of(unit.layout, overrides, config_name)
+            nprocs[unit.layout] = nproc_of(unit.layout, overrides, config_name,
+                                           gpus=cfg.cluster.gpus_per_node, stage=unit.stage)
         unit.nproc = nprocs[unit.layout]
     redo_ids = {id(u) for u in redo}
     pending_ids = {id(u) for u in pending(units)}

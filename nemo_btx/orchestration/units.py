@@ -229,14 +229,26 @@ def select(units: List[Unit], from_stage: Optional[str], only: Optional[str],
     return []
 
 
-def nproc_of(layout: Optional[str], overrides: Sequence[str], config_name: str) -> int:
-    """Processes a stage needs at its layout (the smallest world the layout fits)."""
+def nproc_of(layout: Optional[str], overrides: Sequence[str], config_name: str,
+             gpus: int = 0, stage: str = "") -> int:
+    """Processes a stage runs with on one machine (`nemo-btx run`) at its layout: its
+    parallel.world_size, else on a machine of `gpus` GPUs (cluster.gpus_per_node) all of them
+    (data parallel fills the node), else on CPU the smallest world the layout fits."""
     if layout is None:
         return 1
     from nemo_btx.config.validate import min_world_size
 
     p = layout_config(layout, overrides, config_name)
-    return p.world_size or min_world_size(p)
+    if not gpus:
+        return p.world_size or min_world_size(p)
+    world = p.world_size or gpus
+    need = min_world_size(p)
+    if world > gpus or world % need:
+        raise ConfigError(f"run.layouts.{stage}", layout,
+                          f"needs {world} GPUs (a multiple of {need}); `nemo-btx run` uses one machine of "
+                          f"cluster.gpus_per_node={gpus}: submit with `nemo-btx launch`, or pick a layout "
+                          "for one node (e.g. llama2_7b_moe_h100_1node for the MoE stages)")
+    return world
 
 
 def layout_config(layout: str, overrides: Sequence[str], config_name: str):

@@ -124,7 +124,7 @@ def activations(m: ModelConfig, p: ParallelConfig, micro_batch: int, precision: 
         routed = tokens * k
         expert = routed * (etp * h + (gated + 1) * f + h) * act
         mlp = sbh / outside + router + expert
-    per_layer = attention + mlp + sbh / outside + drop
+    per_layer = attention + mlp + drop  # (the residual adds keep nothing for the backward)
 
     if recompute == "full":
         stored = sbh / outside  # only each layer's input is kept; the rest is recomputed

@@ -2,11 +2,9 @@
 runs: the 7B preset without its data or seed, a seed that is not the run's, a layout that does
 not fit. Each refusal is one line naming the key (exit 2); nothing is written."""
 
-import json
 import subprocess
 import sys
 
-import pytest
 
 from conftest import REPO, clean_env, paper_inputs
 from nemo_btx.config import load_config
@@ -100,3 +98,19 @@ def test_a_layout_over_the_gpu_memory_is_refused(tmp_path):
                   ["parallel.world_size=8", "plan.check=false"]):
         proc = cli("validate", *PAPER, *inputs, *extra)
         assert proc.returncode == 0, (extra, proc.stderr)
+
+
+def test_run_on_one_gpu_machine_fills_it_or_says_why(tmp_path):
+    from nemo_btx.orchestration.units import nproc_of, plan
+
+    inputs = paper_inputs(tmp_path)
+    over = [*PAPER, *inputs, f"run.dir={tmp_path / 'run'}"]
+    units = {u.name: u for u in plan(load_config(over))}
+    # One 8-GPU machine: the dense stages take all 8 GPUs (TP2 x DP4), evaluation one.
+    assert nproc_of(units["experts:math"].layout, over, "config", gpus=8, stage="experts") == 8
+    assert nproc_of(units["dense"].layout, over, "config", gpus=8, stage="dense") == 8
+    assert nproc_of(units["eval:btx"].layout, over, "config", gpus=8, stage="eval") == 1
+    assert nproc_of("llama2_7b_moe_h100_1node", over, "config", gpus=8, stage="finetune") == 8
+    # The two-node MoE layout cannot run on one machine: `run` says so before anything starts.
+    msg = refused(["run", *PAPER, *inputs], "run.layouts.mix=", tmp_path)
+    assert "needs 16 GPUs" in msg and "nemo-btx launch" in msg
