@@ -117,12 +117,15 @@ def _convert(cfg, name: str, stage: str, model: ModelConfig, sources: int, overr
                      layout_name=layout_name or "parallel", nodes=nodes, recompute="none", memory=parts)
 
 
-def _eval(cfg, name: str, model: ModelConfig, overrides, config_name, precision: str) -> StagePlan:
+def _eval(cfg, name: str, model: ModelConfig, overrides, config_name, precision: str,
+          copies: int = 1) -> StagePlan:
+    """One evaluated model; `copies` dense models held at once (a BTM ensemble of experts)."""
     layout_name, p, world, nodes = _layout(cfg, "eval", overrides, config_name)
     layout = memory.Layout.of(p, world)
     gpu = cfg.cluster.gpus_per_node > 0
     parts = memory.inference_memory(model, layout, precision=precision, batch=cfg.eval.batch_size,
                                     overhead=cfg.plan.overhead_gb * memory.GB if gpu else 0.0)
+    parts = {k: v * (copies if k in ("weights", "kv_cache") else 1) for k, v in parts.items()}
     parts["total"] = sum(parts.values())
     return StagePlan(name=name, kind="eval", model=model, layout=layout,
                      layout_name=layout_name or "one GPU", nodes=nodes, recompute="none", memory=parts)
@@ -160,6 +163,11 @@ def plan_experiment(cfg: ExperimentConfig, overrides: Sequence[str] = (),
             model = upcycled if b.moe else dense
             tokens = finetune_tokens if b.matched == "data" else btx_flops / flops.model_flops_per_token(model)
             rows.append(_train(cfg, b.unit, b.stage, model, tokens, overrides, config_name, precision))
+    # Evaluation, one model at a time: the largest of each kind (a dense model, the BTM
+    # ensemble, which holds every expert at once, and the MoE).
+    rows.append(_eval(cfg, "eval:seed", dense, overrides, config_name, precision))
+    rows.append(_eval(cfg, "eval:btm-top2", dense, overrides, config_name, precision,
+                      copies=len(cfg.data.domains)))
     rows.append(_eval(cfg, "eval:btx", btx, overrides, config_name, precision))
     return rows
 
@@ -212,6 +220,8 @@ def render(cfg: ExperimentConfig, rows: Sequence[StagePlan]) -> str:
     for r in rows:
         m = r.memory
         params = max(rank_params(r.model, r.layout.parallel, k).total for k in range(r.layout.parallel.pp))
+        if r.name.startswith("eval:btm"):
+            params *= len(cfg.data.domains)
         fits = "" if not gpu else ("yes" if m["total"] <= limit * memory.GB else "NO")
         unsharded = ""
         if r.kind == "train":
