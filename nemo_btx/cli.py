@@ -117,7 +117,9 @@ def budgets_comment(cfg) -> str:
 
     per_step = tokens_per_step(cfg)
     parts = [f"seed {stage_iters(cfg, 'seed')}"] if cfg.seed.checkpoint is None else []
-    parts += [f"experts:{d.name} {stage_iters(cfg, 'experts', d.name)}" for d in cfg.data.domains]
+    from nemo_btx.config.schema import expert_domains
+
+    parts += [f"experts:{d} {stage_iters(cfg, 'experts', d)}" for d in expert_domains(cfg)]
     parts.append(f"finetune {stage_iters(cfg, 'finetune')}")
     return f"# steps at {per_step:,} tokens per step: " + ", ".join(parts)
 

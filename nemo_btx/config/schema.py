@@ -180,6 +180,16 @@ class DomainConfig:
     max_documents: Optional[int] = None
     """Cap on documents read, >= 2: one to train on, one held out (null = all). A capped domain
     is read by one worker, in order."""
+    expert: bool = True
+    """Train an expert on this domain. false: general text that only the seed, the MoE finetune
+    and the baselines read (the paper's finetune mixes all sources), with no expert, no MoE
+    expert and no BTM member of its own; its perplexity is still reported."""
+
+
+def expert_domains(cfg) -> List[str]:
+    """The domains an expert is trained on (`data.domains.<i>.expert`), in data.domains order:
+    the experts, the mix's expert sources, the BTM members, the experts Slurm array."""
+    return [d.name for d in cfg.data.domains if d.expert]
 
 
 @dataclass(kw_only=True)

@@ -338,6 +338,9 @@ def check_data(cfg: ExperimentConfig) -> None:
     d = cfg.data
     if not d.domains:
         raise ConfigError("data.domains", [], "at least one domain is needed")
+    if not any(dom.expert for dom in d.domains):
+        raise ConfigError("data.domains", [dom.name for dom in d.domains],
+                          "no domain has expert: true; BTX needs at least one expert")
     names = set()
     for i, dom in enumerate(d.domains):
         key = f"data.domains.{i}"
@@ -394,10 +397,13 @@ def check_data(cfg: ExperimentConfig) -> None:
         raise ConfigError("data.unit", d.unit, "only data.step=tokenize takes a unit")
     _positive("data.tokenizer.sample_chars", d.tokenizer.sample_chars, null=True)
     tok = d.tokenizer
-    if tok.kind == "hf":
+    # kind=hf without a path takes the seed's tokenizer (data/tokenizer.py finds it,
+    # model/agreement.py checks it).
+    if tok.kind == "hf" and (tok.path or not cfg.seed.checkpoint):
         if not tok.path:
             raise ConfigError("data.tokenizer.path", tok.path, "data.tokenizer.kind=hf needs the "
-                              "path of a tokenizer.json file or of a directory holding one")
+                              "path of a tokenizer.json file or of a directory holding one (or "
+                              "seed.checkpoint: its tokenizer)")
         path = Path(tok.path).expanduser()
         if not (path.is_file() or (path / "tokenizer.json").is_file()):
             raise ConfigError("data.tokenizer.path", tok.path,
@@ -407,8 +413,11 @@ def check_data(cfg: ExperimentConfig) -> None:
 
 
 def check_domain(cfg: ExperimentConfig) -> None:
-    """train-expert's domain / domain_index, when given, name a data.domains entry (and agree)."""
-    names = [d.name for d in cfg.data.domains]
+    """train-expert's domain / domain_index, when given, name an expert domain (and agree);
+    domain_index counts the expert domains (the experts array's task id)."""
+    from nemo_btx.config.schema import expert_domains
+
+    names = expert_domains(cfg)
     if cfg.domain is not None and cfg.domain not in names:
         raise ConfigError("domain", cfg.domain, f"must be one of {', '.join(names)}")
     if cfg.domain_index is not None:
@@ -438,10 +447,13 @@ def check_stages(cfg: ExperimentConfig) -> None:
         check_stage(key, getattr(cfg, key))
     _above_zero("seed.tokens", cfg.seed.tokens, null=True)
     _above_zero("finetune.tokens", cfg.finetune.tokens, null=True)
-    names = [d.name for d in cfg.data.domains]
+    from nemo_btx.config.schema import expert_domains
+
+    names = expert_domains(cfg)
     for domain, tokens in cfg.expert.tokens.items():
         if domain not in names:
-            raise ConfigError(f"expert.tokens.{domain}", tokens, f"not a domain; data.domains are {', '.join(names)}")
+            raise ConfigError(f"expert.tokens.{domain}", tokens,
+                              f"not an expert domain; the experts are {', '.join(names)}")
         _above_zero(f"expert.tokens.{domain}", tokens)
     _existing_dir("seed.checkpoint", cfg.seed.checkpoint,
                   "no such directory (an existing checkpoint to adopt as the seed, or null)")
@@ -498,7 +510,9 @@ def model_names(cfg: ExperimentConfig) -> List[str]:
     """The names of the run's models (eval.model, hf.model): seed, experts, baselines, btx."""
     from nemo_btx.run_dir import BASELINE_NAMES
 
-    return ["seed", *[f"expert-{d.name}" for d in cfg.data.domains], *BASELINE_NAMES, "btx"]
+    from nemo_btx.config.schema import expert_domains
+
+    return ["seed", *[f"expert-{d}" for d in expert_domains(cfg)], *BASELINE_NAMES, "btx"]
 
 
 def check_eval(cfg: ExperimentConfig) -> None:

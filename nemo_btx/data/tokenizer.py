@@ -113,10 +113,31 @@ def train_bpe(texts: Iterable[str], vocab_size: int, *, length: Optional[int] = 
     return Tokenizer(backend, BPE_EOD, kind="bpe")
 
 
-def hf_tokenizer_file(path: Optional[str]) -> Path:
+def seed_tokenizer(checkpoint) -> Optional[Path]:
+    """The tokenizer.json a seed checkpoint was trained with: the one `import-hf` copied beside
+    it, or the run's own when the checkpoint lives in a run directory; None if neither."""
+    from nemo_btx.run_dir import checkpoint_tokenizer, find_run_dir
+
+    own = checkpoint_tokenizer(checkpoint) / TOKENIZER_FILE
+    if own.is_file():
+        return own
+    run = find_run_dir(checkpoint)
+    if run is not None and (RunDir(run).tokenizer / TOKENIZER_FILE).is_file():
+        return RunDir(run).tokenizer / TOKENIZER_FILE
+    return None
+
+
+def hf_tokenizer_file(path: Optional[str], seed: Optional[str] = None) -> Path:
+    """data.tokenizer.path as a tokenizer.json file; null = the seed checkpoint's tokenizer."""
+    if not path and seed:
+        found = seed_tokenizer(Path(seed).expanduser())
+        if found is None:
+            raise ConfigError("data.tokenizer.path", path, f"null takes the seed's tokenizer, but "
+                              f"seed.checkpoint={seed} carries none: give its tokenizer.json")
+        return found
     if not path:
         raise ConfigError("data.tokenizer.path", path, "kind=hf needs the path of a tokenizer.json "
-                          "file or of a directory holding one")
+                          "file or of a directory holding one (or seed.checkpoint: its tokenizer)")
     p = Path(path).expanduser()
     if p.is_dir():
         p = p / TOKENIZER_FILE
@@ -125,11 +146,11 @@ def hf_tokenizer_file(path: Optional[str]) -> Path:
     return p
 
 
-def load_hf(tcfg: TokenizerConfig) -> Tokenizer:
+def load_hf(tcfg: TokenizerConfig, seed: Optional[str] = None) -> Tokenizer:
     """A Hugging Face `tokenizer.json` (any model type) with its end-of-document token."""
     from tokenizers import Tokenizer as Backend
 
-    path = hf_tokenizer_file(tcfg.path)
+    path = hf_tokenizer_file(tcfg.path, seed)
     try:
         backend = Backend.from_file(str(path))
     except Exception as err:  # the Rust library raises a bare Exception on a malformed file
@@ -158,7 +179,7 @@ def make_tokenizer(cfg: ExperimentConfig, train_texts: Iterable[str], *, length:
     """The configured tokenizer, in memory: trained on `train_texts` (bpe) or loaded (hf)."""
     tcfg = cfg.data.tokenizer
     if tcfg.kind == "hf":
-        tok = load_hf(tcfg)
+        tok = load_hf(tcfg, cfg.seed.checkpoint)
     else:
         if tcfg.eod_token not in (None, BPE_EOD):
             raise ConfigError("data.tokenizer.eod_token", tcfg.eod_token,

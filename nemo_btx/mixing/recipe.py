@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from nemo_btx.config.schema import SHAPE_FIELDS, ExperimentConfig, ModelConfig
+from nemo_btx.config.schema import SHAPE_FIELDS, ExperimentConfig, ModelConfig, expert_domains
 from nemo_btx.errors import CheckpointError, ConfigError
 from nemo_btx.mixing import experts as tables
 from nemo_btx.run_dir import WEIGHTS, RunDir
@@ -162,8 +162,8 @@ def seed_source(cfg: ExperimentConfig) -> Source:
 
 def expert_sources(cfg: ExperimentConfig) -> List[Source]:
     """mix.experts, or <run.dir>/experts/<domain>/weights for every configured domain. Given
-    one per domain, expert i was trained on data.domains[i] (and is named after it)."""
-    domains = [d.name for d in cfg.data.domains]
+    one per expert domain, expert i was trained on the i-th (and is named after it)."""
+    domains = expert_domains(cfg)
     if cfg.mix.experts is None:
         run = RunDir.of(cfg)
         return [Source(d, resolve(run.expert(d) / WEIGHTS), EXPERT, (d,)) for d in domains]
@@ -328,7 +328,7 @@ def upcycle_recipe(cfg: ExperimentConfig) -> Recipe:
                     "the seed's whole FFN)")
     if mix.average_weights is not None and list(mix.average_weights) != [1.0]:
         log.warning("upcycle: mix.average_weights is ignored (one source)")
-    table = tables.upcycle(cfg.model.moe.num_experts or len(cfg.data.domains) + 1)
+    table = tables.upcycle(cfg.model.moe.num_experts or len(expert_domains(cfg)) + 1)
     sources = (seed_source(cfg),)
     topk = routed_topk(cfg.model.moe.router_topk, 1, len(table))
     check_router_init(mix.router_init, kind="upcycle", blended=False,

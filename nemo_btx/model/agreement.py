@@ -13,12 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Optional
+
 
 from nemo_btx.config.schema import SHAPE_FIELDS, ExperimentConfig
-from nemo_btx.data.tokenizer import TOKENIZER_FILE, hf_tokenizer_file
+from nemo_btx.data.tokenizer import hf_tokenizer_file, seed_tokenizer
 from nemo_btx.errors import ConfigError
-from nemo_btx.run_dir import CHECKPOINT_MARKER, WEIGHTS, RunDir, checkpoint_tokenizer, find_run_dir
+from nemo_btx.run_dir import CHECKPOINT_MARKER, WEIGHTS
 
 #: Besides the shapes: fields that change what the weights compute.
 BEHAVIOUR_FIELDS = ("rotary_base", "position_embedding_type", "norm_epsilon")
@@ -31,17 +31,6 @@ def seed_marker(path: Path) -> dict:
             return json.loads(candidate.read_text())
     raise ConfigError("seed.checkpoint", str(path), f"no {CHECKPOINT_MARKER}: not a complete checkpoint "
                       "(import one with `nemo-btx import-hf`)")
-
-
-def seed_tokenizer(path: Path) -> Optional[Path]:
-    """The tokenizer.json the seed was trained with: imported with it, or its run's."""
-    own = checkpoint_tokenizer(path) / TOKENIZER_FILE
-    if own.is_file():
-        return own
-    run = find_run_dir(path)
-    if run is not None and (RunDir(run).tokenizer / TOKENIZER_FILE).is_file():
-        return RunDir(run).tokenizer / TOKENIZER_FILE
-    return None
 
 
 def _sha(path: Path) -> str:
@@ -61,14 +50,16 @@ def check_seed(cfg: ExperimentConfig) -> None:
                               f"the seed {path} has {name}={saved[name]!r}; the run must use the "
                               f"seed's architecture (model.{name}={saved[name]!r})")
     theirs = seed_tokenizer(path)
-    if theirs is None:
-        return  # a seed without a known tokenizer: the vocabulary check above is all we have
     tok = cfg.data.tokenizer
+    if theirs is None:
+        if tok.kind == "hf":
+            hf_tokenizer_file(tok.path, cfg.seed.checkpoint)  # a given path must exist; null fails here
+        return  # a seed without a known tokenizer: the vocabulary check above is all we have
     if tok.kind != "hf":
         raise ConfigError("data.tokenizer.kind", tok.kind,
                           f"a new BPE would give ids the seed never saw; use the seed's tokenizer: "
-                          f"data.tokenizer.kind=hf data.tokenizer.path={theirs.parent}")
-    ours = hf_tokenizer_file(tok.path)
+                          f"data.tokenizer.kind=hf (its path null: the seed's, {theirs.parent})")
+    ours = hf_tokenizer_file(tok.path, cfg.seed.checkpoint)
     if _sha(ours) != _sha(theirs):
         raise ConfigError("data.tokenizer.path", tok.path,
                           f"{ours} (sha256 {_sha(ours)}) is not the seed's tokenizer {theirs} "

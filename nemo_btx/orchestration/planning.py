@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import List, Sequence
 
 from nemo_btx.config.budgets import stage_iters, tokens_per_step
-from nemo_btx.config.schema import ExperimentConfig, ModelConfig, ParallelConfig
+from nemo_btx.config.schema import ExperimentConfig, ModelConfig, ParallelConfig, expert_domains
 from nemo_btx.errors import ConfigError
 from nemo_btx.planner import flops, memory
 from nemo_btx.planner.params import rank_params, total_params
@@ -141,11 +141,12 @@ def plan_experiment(cfg: ExperimentConfig, overrides: Sequence[str] = (),
     if cfg.seed.checkpoint is None:
         rows.append(_train(cfg, "seed", "seed", dense, stage_iters(cfg, "seed") * per_step,
                            overrides, config_name, precision))
-    for d in cfg.data.domains:
-        rows.append(_train(cfg, f"experts:{d.name}", "experts", dense,
-                           stage_iters(cfg, "experts", d.name) * per_step, overrides, config_name, precision))
+    experts = expert_domains(cfg)
+    for d in experts:
+        rows.append(_train(cfg, f"experts:{d}", "experts", dense,
+                           stage_iters(cfg, "experts", d) * per_step, overrides, config_name, precision))
     btx = moe_model(cfg, "mix")
-    sources = len(cfg.data.domains) + (1 if cfg.mix.include_seed else 0)
+    sources = len(experts) + (1 if cfg.mix.include_seed else 0)
     rows.append(_convert(cfg, "mix", "mix", btx, sources, overrides, config_name, precision))
     finetune_tokens = stage_iters(cfg, "finetune") * per_step
     rows.append(_train(cfg, "finetune", "finetune", btx, finetune_tokens, overrides, config_name, precision))
@@ -167,7 +168,7 @@ def plan_experiment(cfg: ExperimentConfig, overrides: Sequence[str] = (),
     # ensemble, which holds every expert at once, and the MoE).
     rows.append(_eval(cfg, "eval:seed", dense, overrides, config_name, precision))
     rows.append(_eval(cfg, "eval:btm-top2", dense, overrides, config_name, precision,
-                      copies=len(cfg.data.domains)))
+                      copies=len(experts)))
     rows.append(_eval(cfg, "eval:btx", btx, overrides, config_name, precision))
     return rows
 
@@ -221,7 +222,7 @@ def render(cfg: ExperimentConfig, rows: Sequence[StagePlan]) -> str:
         m = r.memory
         params = max(rank_params(r.model, r.layout.parallel, k).total for k in range(r.layout.parallel.pp))
         if r.name.startswith("eval:btm"):
-            params *= len(cfg.data.domains)
+            params *= len(expert_domains(cfg))
         fits = "" if not gpu else ("yes" if m["total"] <= limit * memory.GB else "NO")
         unsharded = ""
         if r.kind == "train":

@@ -450,7 +450,6 @@ def render_files(cfg: ExperimentConfig, target: Target, jobs: Optional[List[Job]
 #: .jsonl/.parquet corpora add a tokenize array per domain, sized by the files `launch` finds).
 EXAMPLES = {"llama2_7b_h100": [
     "experiment=llama2_7b_h100", "seed.checkpoint=/ckpt/llama2_7b",
-    "data.tokenizer.path=/ckpt/llama2_7b/tokenizer",
     "data.domains.0.prefix=/data/code_text_document", "data.domains.1.prefix=/data/math_text_document",
     "data.domains.2.prefix=/data/wiki_text_document"]}
 

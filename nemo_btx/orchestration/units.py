@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from nemo_btx.config.schema import ExperimentConfig
+from nemo_btx.config.schema import ExperimentConfig, expert_domains
 from nemo_btx.errors import ConfigError
 from nemo_btx.run_dir import CHECKPOINT_MARKER, MANIFEST, REPORT_JSON, RunDir, baseline
 
@@ -54,7 +54,7 @@ def _marker(path: Path) -> Callable[[], bool]:
 def plan(cfg: ExperimentConfig) -> List[Unit]:
     """Every unit of the experiment, each after the units it needs."""
     rd = RunDir.of(cfg)
-    names = [d.name for d in cfg.data.domains]
+    names = expert_domains(cfg)  # (a general domain, expert: false, has data but no expert)
     layouts = cfg.run.layouts
     experts = tuple(f"experts:{d}" for d in names)
     units = data_units(cfg)

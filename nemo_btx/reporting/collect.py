@@ -109,6 +109,13 @@ def domain_list(config: dict, manifests: Dict[str, dict]) -> List[str]:
     return seen
 
 
+def expert_list(config: dict, domains: List[str]) -> List[str]:
+    """The domains with an expert (`expert: false` marks general text without one)."""
+    doms = ((config.get("data") or {}).get("domains")) or []
+    general = {d.get("name") for d in doms if isinstance(d, dict) and d.get("expert") is False}
+    return [d for d in domains if d not in general]
+
+
 def versions(sources: Dict[str, dict]) -> dict:
     """The software versions of the run; `differ` lists packages whose versions vary by stage."""
     by_source = {k: v for k, v in sources.items() if isinstance(v, dict) and v}
@@ -334,7 +341,8 @@ def collect(run_dir: Path) -> dict:
     models: Dict[str, dict] = {}
     stages: Dict[str, dict] = {}
     version_sources: Dict[str, dict] = {}
-    for spec in model_catalog(run_dir, domains, which):
+    experts = expert_list(config["data"], domains)
+    for spec in model_catalog(run_dir, experts, which):
         name, rel = spec["name"], spec["train_dir"]
         stage = training_stage(run_dir, rel) if rel else None
         if rel and (stage is None or not stage["complete"]):
@@ -365,7 +373,7 @@ def collect(run_dir: Path) -> dict:
                         "tasks": {t.key: (ev["tasks"][t.key] if ev else None) for t in TASKS}}
 
     data_rows = datasets(run_dir, domains, missing)
-    entries = ledger(run_dir, domains)
+    entries = ledger(run_dir, experts)
     if not entries:
         missing.append("ledger.jsonl (no compute ledger: the compute table is empty)")
     mixed = _read_json(rd.mixed / MANIFEST)
@@ -375,6 +383,7 @@ def collect(run_dir: Path) -> dict:
         "run_dir": str(run_dir.resolve()),
         "generated": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "domains": domains,
+        "experts": experts,
         "tasks": [{"key": t.key, "title": t.title, "task": t.task, "metric": f"{t.metric},{t.filter}"}
                   for t in TASKS],
         "config": config,

@@ -68,8 +68,8 @@ def findings(data: dict, results: Table, aggregate: Table, comp: Dict[str, dict]
     skipped: List[str] = []
     domains = data["domains"]
 
-    # 1. Each expert beats the seed on its own domain.
-    for d in domains:
+    # 1. Each expert beats the seed on its own domain (a general domain has no expert).
+    for d in data.get("experts", domains):
         e, s = val.get(f"expert-{d}", {}).get(f"ppl:{d}"), val.get("seed", {}).get(f"ppl:{d}")
         if e is None or s is None:
             skipped.append(f"expert {d} vs seed on {d}: perplexity missing")

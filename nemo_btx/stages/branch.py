@@ -12,10 +12,9 @@ import logging
 import os
 import shutil
 
-from nemo_btx.config.schema import ExperimentConfig
+from nemo_btx.config.schema import ExperimentConfig, expert_domains
 from nemo_btx.errors import BtxError
 from nemo_btx.run_dir import RunDir
-from nemo_btx.stages.common import domain_names
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +34,7 @@ def run(cfg: ExperimentConfig) -> None:
         raise BtxError(f"{rd.seed}: the seed is not complete; run `nemo-btx seed` first")
     weights = rd.model("seed", []).checkpoints[0]
     ckpt.read_marker(rd.root / weights)  # refuses an incomplete copy
-    for domain in domain_names(cfg):
+    for domain in expert_domains(cfg):
         target = rd.expert_init(domain)
         if ckpt.is_complete(target):
             log.info("branch: %s exists, skipping", target)

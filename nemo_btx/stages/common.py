@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import List, Optional
 
-from nemo_btx.config.schema import ExperimentConfig
+from nemo_btx.config.schema import ExperimentConfig, expert_domains
 from nemo_btx.errors import BtxError, ConfigError
 from nemo_btx.run_dir import MANIFEST, RunDir
 
@@ -32,8 +32,8 @@ def require_data(cfg: ExperimentConfig) -> None:
 
 
 def resolve_domain(cfg: ExperimentConfig) -> str:
-    """`domain=NAME` or `domain_index=I` (a Slurm array task id) -> a configured domain name."""
-    names = domain_names(cfg)
+    """`domain=NAME` or `domain_index=I` (a Slurm array task id) -> an expert domain's name."""
+    names = expert_domains(cfg)
     if cfg.domain is not None and cfg.domain_index is not None:
         if not 0 <= cfg.domain_index < len(names) or names[cfg.domain_index] != cfg.domain:
             raise ConfigError("domain_index", cfg.domain_index,

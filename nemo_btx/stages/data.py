@@ -46,7 +46,7 @@ def tokenizer_fingerprint(cfg: ExperimentConfig, plans: List[DomainPlan]) -> dic
     if t.kind == "hf":
         from nemo_btx.data.tokenizer import hf_tokenizer_file
 
-        path = hf_tokenizer_file(t.path)
+        path = hf_tokenizer_file(t.path, cfg.seed.checkpoint)
         return {"kind": "hf", "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
                 "eod_token": t.eod_token}
     sample = []

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from nemo_btx.config.schema import ExperimentConfig
+from nemo_btx.config.schema import ExperimentConfig, expert_domains
 from nemo_btx.errors import BtxError, ConfigError
 from nemo_btx.run_dir import BTM_MODELS, RESULTS, RunDir, checkpoint_identity, combined_identity
 from nemo_btx.stages.common import domain_names
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 
 def _run_models(cfg: ExperimentConfig):
-    return RunDir.of(cfg).models(domain_names(cfg), cfg.baselines.which)
+    return RunDir.of(cfg).models(expert_domains(cfg), cfg.baselines.which)
 
 
 def checkpoints_of(cfg: ExperimentConfig, name: str) -> List[Path]:
@@ -185,7 +185,7 @@ def build_lm(cfg: ExperimentConfig, name: str, paths: List[Path]):
 
         return BTMLM(experts="|".join(map(str, paths)), top_k=int(name[-1]), run_dir=root,
                      prior=cfg.eval.btm_prior, routing=cfg.eval.btm_routing,
-                     domains="|".join(domain_names(cfg)), **common)
+                     domains="|".join(expert_domains(cfg)), **common)
     from nemo_btx.evaluation.lm import NemoBtxLM
 
     return NemoBtxLM(str(paths[0]), run_dir=root, **common)

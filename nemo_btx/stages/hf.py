@@ -12,10 +12,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from nemo_btx.config.schema import ExperimentConfig
+from nemo_btx.config.schema import ExperimentConfig, expert_domains
 from nemo_btx.errors import BtxError, ConfigError
 from nemo_btx.run_dir import MANIFEST, RunDir, checkpoint_tokenizer, find_run_dir
-from nemo_btx.stages.common import domain_names
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +64,7 @@ def export_hf(cfg: ExperimentConfig) -> Path:
             raise ConfigError("hf.path", cfg.hf.path, "not a complete checkpoint directory")
     else:
         rd = RunDir.of(cfg)
-        models = {m.name: m for m in rd.models(domain_names(cfg), cfg.baselines.which) if not m.ensemble}
+        models = {m.name: m for m in rd.models(expert_domains(cfg), cfg.baselines.which) if not m.ensemble}
         if cfg.hf.model not in models:
             raise ConfigError("hf.model", cfg.hf.model, f"one of {', '.join(models)} (or set hf.path "
                               "to a checkpoint directory)")

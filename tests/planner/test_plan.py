@@ -114,3 +114,19 @@ def test_run_on_one_gpu_machine_fills_it_or_says_why(tmp_path):
     # The two-node MoE layout cannot run on one machine: `run` says so before anything starts.
     msg = refused(["run", *PAPER, *inputs], "run.layouts.mix=", tmp_path)
     assert "needs 16 GPUs" in msg and "nemo-btx launch" in msg
+
+
+def test_the_tokenizer_defaults_to_the_seeds(tmp_path):
+    from nemo_btx.config.validate import check_config
+    from nemo_btx.data.tokenizer import hf_tokenizer_file
+    from nemo_btx.model.agreement import check_seed
+
+    inputs = [a for a in paper_inputs(tmp_path) if not a.startswith("data.tokenizer.path")]
+    cfg = load_config([*PAPER, *inputs])
+    check_config(cfg)
+    check_seed(cfg)
+    assert hf_tokenizer_file(cfg.data.tokenizer.path, cfg.seed.checkpoint) == \
+        tmp_path / "llama2_7b" / "tokenizer" / "tokenizer.json"
+    # A seed without a tokenizer of its own: the path must be given.
+    (tmp_path / "llama2_7b" / "tokenizer" / "tokenizer.json").unlink()
+    refused(["validate", *PAPER, *inputs], "data.tokenizer.path", tmp_path)

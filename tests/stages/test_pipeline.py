@@ -107,6 +107,31 @@ def test_select_from_and_only(tmp_path):
         select(units, "mix", "eval")
 
 
+def test_a_general_domain_trains_no_expert(tmp_path):
+    """data.domains.<i>.expert=false: data for the seed, the finetune and the baselines, no expert."""
+    from nemo_btx.config.validate import check_config
+    from nemo_btx.config.schema import expert_domains
+    from nemo_btx.errors import ConfigError
+    from nemo_btx.mixing.recipe import mix_recipe, upcycle_recipe
+    from nemo_btx.orchestration.units import plan
+    from nemo_btx.run_dir import RunDir
+    from nemo_btx.stages.common import domain_names, resolve_domain
+
+    cfg = load([f"run.dir={tmp_path}", "data.domains.2.expert=false"])
+    names = [u.name for u in plan(cfg)]
+    assert "experts:wiki" not in names and {"experts:code", "experts:math", "data:wiki"} <= set(names)
+    assert expert_domains(cfg) == ["code", "math"] and domain_names(cfg) == ["code", "math", "wiki"]
+    assert mix_recipe(cfg).num_experts == 3 and upcycle_recipe(cfg).num_experts == 3  # 2 experts + seed
+    models = [m.name for m in RunDir.of(cfg).models(expert_domains(cfg))]
+    assert "expert-wiki" not in models and "expert-math" in models
+    # domain_index counts the experts (the experts array's task id).
+    assert resolve_domain(load([f"run.dir={tmp_path}", "data.domains.0.expert=false", "domain_index=0"])) == "math"
+    for bad, key in ((["domain=wiki"], "domain"), (["expert.tokens.wiki=1e6"], "expert.tokens.wiki"),
+                     ([f"data.domains.{i}.expert=false" for i in range(3)], "data.domains")):
+        with pytest.raises(ConfigError, match=key):
+            check_config(load([f"run.dir={tmp_path}", "data.domains.2.expert=false", *bad]))
+
+
 def test_only_runs_the_missing_needs_first(tmp_path):
     from nemo_btx.orchestration.units import plan, select, with_missing_needs
 
