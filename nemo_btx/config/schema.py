@@ -115,6 +115,9 @@ class ParallelConfig:
     """torch.distributed backend; auto = nccl with CUDA, gloo without."""
     batch_p2p_comm: bool = True
     """Batched pipeline send/recv. Forced off on gloo: it silently corrupts interleaved PP."""
+    timeout_minutes: int = 10
+    """How long a collective may wait before the job fails (torch.distributed and megatron-core's
+    groups): long enough for the slowest rank's checkpoint write (the 7B presets: 60)."""
     recompute: str = choice("none", "none", "selective", "full")
     """Activation recomputation: selective recomputes the core attention (megatron-core's
     "core_attn": the s x s scores; cheap), full recomputes every layer from its input (one layer

@@ -611,6 +611,10 @@ def check_smoke(cfg: ExperimentConfig) -> None:
     _positive("smoke.moe_num_experts", s.moe_num_experts)
 
 
+def check_parallel_timeout(cfg: ExperimentConfig) -> None:
+    _positive("parallel.timeout_minutes", cfg.parallel.timeout_minutes)
+
+
 def check_plan(cfg: ExperimentConfig) -> None:
     """The planner's assumptions and the GPU it plans for."""
     if not 0 < cfg.plan.mfu <= 1:
@@ -643,6 +647,7 @@ def check_config(cfg: ExperimentConfig) -> None:
     check_hf(cfg)
     check_smoke(cfg)
     check_plan(cfg)
+    check_parallel_timeout(cfg)
 
 
 def validate(cfg: ExperimentConfig, world_size: Optional[int] = None) -> int:

@@ -20,6 +20,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -200,7 +201,8 @@ def _init_worker(cfg: ExperimentConfig, plans: Dict[str, DomainPlan]) -> None:
 
     # One worker = one core: the Rust tokenizer's own threads would compete with the others.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    preemption.install()
+    # USR1 only: Pool.terminate() stops a worker with TERM, which must still end it.
+    preemption.install((signal.SIGUSR1,))
     _WORKER.update(cfg=cfg, plans=plans, tokenizer=load_tokenizer(RunDir.of(cfg).root))
 
 

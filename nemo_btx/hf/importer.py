@@ -133,8 +133,7 @@ def import_llama(hf_dir: Path, out: Path, base: ModelConfig, *, dtype: str = "au
     cfg.train.precision = "fp32"  # the meta model only describes tensors; their dtype is `target`
     own = _own_runtime(cfg)
     try:
-        with torch.device("meta"):
-            chunks = build_model(cfg, wrap_ddp=False)
+        chunks = build_model(cfg, shapes_only=True)
         shards, objects = target_shards(chunks)
         del chunks
         state = _fill(shards, pieces, get, model, padded_vocab_size(model, 1), target)

@@ -107,8 +107,7 @@ def mix_checkpoint(cfg, plan: MixPlan, *, batches_for: Optional[BatchesFor] = No
     times = {}
 
     writer_queue = _prestart_checkpoint_writer()
-    with torch.device("meta"):
-        chunks = build_model(cfg, wrap_ddp=False)
+    chunks = build_model(cfg, shapes_only=True)
     shards, objects = target_shards(chunks)
     del chunks
     load = assign_owners(shards)

@@ -42,13 +42,15 @@ def params_dtype(cfg: ExperimentConfig) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_available() else torch.float32
 
 
-def transformer_config(cfg: ExperimentConfig):
-    """megatron-core TransformerConfig for this experiment's model and layout."""
+def transformer_config(cfg: ExperimentConfig, shapes_only: bool = False):
+    """megatron-core TransformerConfig for this experiment's model and layout (`shapes_only`:
+    for a model that only describes tensors, see `build_model`)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     m, p, moe = cfg.model, cfg.parallel, cfg.model.moe
     dtype = params_dtype(cfg)
-    on_gpu = torch.cuda.is_available()
+    # A shapes-only model is configured as on CPU wherever it is built: nothing of it runs.
+    on_gpu = torch.cuda.is_available() and not shapes_only
     kwargs = dict(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -77,6 +79,7 @@ def transformer_config(cfg: ExperimentConfig):
         # CPU: draw weights on the CPU generator, which makes init independent of the layout's
         # CUDA RNG trackers; the fused kernels below exist only as CUDA/TE implementations.
         use_cpu_initialization=not on_gpu,
+        perform_initialization=not shapes_only,
         bias_activation_fusion=on_gpu and m.activation == "swiglu",
         bias_dropout_fusion=on_gpu,
         masked_softmax_fusion=on_gpu,
@@ -114,8 +117,10 @@ def transformer_config(cfg: ExperimentConfig):
     return tconfig
 
 
-def layer_spec(cfg: ExperimentConfig):
-    """Transformer Engine layers where TE imports (GPU), megatron-core's local layers otherwise."""
+def layer_spec(cfg: ExperimentConfig, shapes_only: bool = False):
+    """Transformer Engine layers where TE imports (GPU), megatron-core's local layers otherwise
+    (and for a shapes-only model: TE allocates on the GPU whatever the default device; the local
+    spec's sharded_state_dict_keys_map gives its checkpoints TE's tensor names)."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
@@ -123,7 +128,7 @@ def layer_spec(cfg: ExperimentConfig):
 
     moe = cfg.model.moe
     grouped = moe.grouped_gemm and torch.cuda.is_available()
-    if have_transformer_engine():
+    if have_transformer_engine() and not shapes_only:
         return get_gpt_layer_with_transformer_engine_spec(
             num_experts=moe.num_experts, moe_grouped_gemm=grouped)
     return get_gpt_layer_local_spec(
@@ -131,19 +136,33 @@ def layer_spec(cfg: ExperimentConfig):
 
 
 def build_model(cfg: ExperimentConfig, *, wrap_ddp: bool = True,
-                frozen: Optional[Callable[[str], bool]] = None) -> List[torch.nn.Module]:
+                frozen: Optional[Callable[[str], bool]] = None,
+                shapes_only: bool = False) -> List[torch.nn.Module]:
     """One GPTModel chunk per virtual pipeline stage of this rank (a list of 1 without VP).
 
     Call after `runtime.init_runtime`. With `wrap_ddp`, chunks come wrapped in megatron's
     DistributedDataParallel, which owns the contiguous grad buffers the optimizer needs.
     `frozen(name)` marks parameters that must not train; it runs before DDP so frozen
     parameters get no gradient buffer and the optimizer never sees them.
+
+    `shapes_only`: a model whose tensors are all on the meta device (no memory, no init), for
+    what needs only names, shapes and shardings (mix, upcycle, import-hf). The same decision on
+    CPU and GPU: CPU-style initialisation (megatron otherwise allocates on the current CUDA
+    device whatever the default device is), no initialisation, the local layer spec, no move
+    to a device (a meta tensor cannot be copied).
     """
+    if shapes_only:
+        with torch.device("meta"):
+            return _build(cfg, wrap_ddp=False, frozen=frozen, shapes_only=True)
+    return _build(cfg, wrap_ddp=wrap_ddp, frozen=frozen, shapes_only=False)
+
+
+def _build(cfg: ExperimentConfig, *, wrap_ddp: bool, frozen, shapes_only: bool) -> List[torch.nn.Module]:
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
-    tconfig = transformer_config(cfg)
-    spec = layer_spec(cfg)
+    tconfig = transformer_config(cfg, shapes_only)
+    spec = layer_spec(cfg, shapes_only)
     vp = tconfig.virtual_pipeline_model_parallel_size
     chunks = []
     for vp_stage in range(vp or 1):
@@ -162,7 +181,7 @@ def build_model(cfg: ExperimentConfig, *, wrap_ddp: bool = True,
         )
         if model.post_process and padded_vocab_size(cfg.model, cfg.parallel.tp) > cfg.model.vocab_size:
             _exclude_padding_from_loss(model, cfg.model.vocab_size)
-        if torch.cuda.is_available():
+        if torch.cuda.is_available() and not shapes_only:
             model.cuda(torch.cuda.current_device())
         if tconfig.bf16:
             # Casts first-stage inputs to bf16 and last-stage outputs back to fp32; the

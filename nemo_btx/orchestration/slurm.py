@@ -270,7 +270,9 @@ event() {
 }
 stopping=0
 on_usr1() { stopping=1; echo "nemo-btx: time limit near: $UNIT saves a checkpoint and stops"; touch "$STOP_FILE"; }
+on_term() { stopping=1; echo "nemo-btx: preempted (TERM): $UNIT saves a checkpoint and stops"; touch "$STOP_FILE"; }
 trap on_usr1 USR1
+trap on_term TERM
 
 event start
 echo "nemo-btx: $UNIT (job $SLURM_JOB_ID, restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST:-?}: ${LAUNCH[*]} ${CLI[*]}"
@@ -279,7 +281,7 @@ child=$!
 while :; do
   rc=0
   wait "$child" || rc=$?
-  kill -0 "$child" 2>/dev/null || break  # still running: the wait was cut short by USR1
+  kill -0 "$child" 2>/dev/null || break  # still running: the wait was cut short by a signal
 done
 if [ "$rc" -ne 0 ] && { [ "$stopping" = 1 ] || [ "$rc" -eq 75 ]; }; then
   event requeue "$rc"
@@ -426,7 +428,10 @@ def render_submit(jobs: List[Job], cfg: ExperimentConfig, target: Target, only_t
             par = cfg.cluster.array_parallelism
             opts.append(f"--array={job.array_spec(job.todo)}{f'%{par}' if par else ''}")
         if deps[job.stage]:
-            opts.append("--dependency=afterok:" + ":".join(f"${d}" for d in deps[job.stage]))
+            # The report shows what exists and names what is missing: it runs after the
+            # evaluations however they ended (afterany), not only when all of them succeeded.
+            kind = "afterany" if job.stage == "report" else "afterok"
+            opts.append(f"--dependency={kind}:" + ":".join(f"${d}" for d in deps[job.stage]))
         var = job.stage
         lines.append(f'{var}=$(submit {" ".join(opts) + " " if opts else ""}"$HERE/{job.script}")')
         lines.append(f'echo "{job.stage} ${var}"')

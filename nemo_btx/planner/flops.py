@@ -46,6 +46,11 @@ def executed_flops_per_token(m: ModelConfig, recompute: str) -> float:
     return useful
 
 
+def mfu(m: ModelConfig, tokens_per_s_per_gpu: float, peak_flops: float) -> float:
+    """Model FLOP utilisation: the useful training FLOPs per second of one GPU over its peak."""
+    return model_flops_per_token(m) * tokens_per_s_per_gpu / peak_flops
+
+
 def step_seconds(m: ModelConfig, tokens_per_step: int, gpus: int, *, peak_flops: float, mfu: float,
                  recompute: str = "none") -> float:
     """Seconds of one optimizer step of `tokens_per_step` tokens on `gpus` GPUs that reach `mfu`

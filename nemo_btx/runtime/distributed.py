@@ -59,7 +59,7 @@ def pick_backend(cfg: ExperimentConfig) -> str:
     return want
 
 
-def init_runtime(cfg: ExperimentConfig, *, timeout_minutes: int = 10) -> Runtime:
+def init_runtime(cfg: ExperimentConfig) -> Runtime:
     """Validate the layout against the launched world, then initialise everything in order.
 
     Order matters (measured): process group -> megatron parallel state -> megatron's RNG
@@ -99,7 +99,7 @@ def init_runtime(cfg: ExperimentConfig, *, timeout_minutes: int = 10) -> Runtime
         torch.distributed.init_process_group(
             backend=backend, rank=rank, world_size=world_size,
             init_method="env://" if launched else f"tcp://127.0.0.1:{_free_port()}",
-            timeout=datetime.timedelta(minutes=timeout_minutes),
+            timeout=datetime.timedelta(minutes=cfg.parallel.timeout_minutes),
         )
 
     p = cfg.parallel
@@ -111,7 +111,7 @@ def init_runtime(cfg: ExperimentConfig, *, timeout_minutes: int = 10) -> Runtime
         context_parallel_size=p.cp,
         expert_model_parallel_size=p.ep,
         expert_tensor_parallel_size=etp_of(p),
-        distributed_timeout_minutes=timeout_minutes,
+        distributed_timeout_minutes=cfg.parallel.timeout_minutes,
     )
     seed_everything(cfg.train.seed)
     dp_size = parallel_state.get_data_parallel_world_size()

@@ -1,11 +1,14 @@
-"""Stop a training stage cleanly before a time limit or preemption (Slurm sends USR1).
+"""Stop a training stage cleanly before a time limit (Slurm sends USR1) or when preempted (TERM).
 
 The job scripts ask sbatch for `--signal=B:USR1@<cluster.signal_seconds>`: the batch shell gets
 USR1 that long before the time limit, touches the file named by $NEMO_BTX_STOP_FILE, waits for
 the stage to finish, and requeues the job (`scontrol requeue`) when the stage exited non-zero. A
 file, not a signal, reaches the ranks because torchrun does not forward USR1 to its workers (its
 own default action for USR1 is to die). A process that gets USR1 itself (srun launching ranks
-directly, or `scancel --signal=USR1`) is covered too: `install()` turns USR1 into the same flag.
+directly, or `scancel --signal=USR1`) is covered too: `install()` turns USR1 and TERM into the
+same flag. A preemption sends TERM to the batch shell and to every step's processes; the shell
+treats it like USR1 (the stop file), so the ranks checkpoint at the same step within Slurm's
+GraceTime, and Slurm requeues the preempted job itself.
 
 The training loop calls `stop_requested()` after each step on every rank; all ranks agree
 (an all-reduce), save a checkpoint at the same step and leave with `Requeue` (exit code 75).
@@ -29,7 +32,12 @@ def _on_signal(signum, frame) -> None:  # noqa: ARG001 - signal handler signatur
     _requested = True
 
 
-def install(signals=(signal.SIGUSR1,)) -> None:
+#: USR1: Slurm's warning before the time limit (--signal); TERM: a preemption or `scancel`
+#: (Slurm sends TERM, then KILL after the partition's GraceTime).
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+def install(signals=STOP_SIGNALS) -> None:
     """Turn `signals` into a stop request (only a flag is set; the loop decides when to stop)."""
     for sig in signals:
         signal.signal(sig, _on_signal)

@@ -65,6 +65,22 @@ def stage_config(cfg: ExperimentConfig, stage: TrainStageConfig, train_iters: in
     return dataclasses.replace(cfg, train=train)
 
 
+def device_metrics(cfg: ExperimentConfig, tokens_per_s_per_device: float, cpu: bool) -> dict:
+    """Per step: tokens/s per device, this process's peak memory (GPU: what torch allocated;
+    CPU: peak RSS) and on GPU the MFU against cluster.gpu_peak_tflops."""
+    out = {"tokens_per_s_per_device": tokens_per_s_per_device}
+    if cpu:
+        import resource
+
+        out["peak_memory_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    else:
+        from nemo_btx.planner.flops import mfu
+
+        out["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        out["mfu"] = mfu(cfg.model, tokens_per_s_per_device, cfg.cluster.gpu_peak_tflops * 1e12)
+    return out
+
+
 class _Metrics:
     """metrics.jsonl (source of the report's loss curves) plus TensorBoard scalars, rank 0 only."""
 
@@ -200,7 +216,8 @@ def run_training(cfg: ExperimentConfig, job: TrainJob, rt,
             steps_run += 1
             rate = tokens_per_step * steps_run / (time.perf_counter() - t0)
             record = {"step": done, "loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm,
-                      "tokens": done * tokens_per_step, "tokens_per_s": rate}
+                      "tokens": done * tokens_per_step, "tokens_per_s": rate,
+                      **device_metrics(cfg, rate / rt.world_size, rt.is_cpu)}
             if valid and (done % stage.eval_interval == 0 or done == t.train_iters):
                 last_valid = evaluate(cfg, chunks, valid, rt.device, dp_rank, dp_size)
                 record["valid"] = last_valid
@@ -211,8 +228,10 @@ def run_training(cfg: ExperimentConfig, job: TrainJob, rt,
                 bar.set_postfix(loss=f"{r.loss:.3f}", tok_s=f"{rate:.0f}")
             elif rt.is_main and (done % t.log_interval == 0 or done == t.train_iters or "valid" in record):
                 eta = (t.train_iters - done) * tokens_per_step / rate
-                log.info("%s step %d/%d loss %.4f lr %.2e grad_norm %.3f tokens/s %.0f eta %.0fs%s",
-                         job.name, done, t.train_iters, r.loss, r.lr, r.grad_norm, rate, eta,
+                log.info("%s step %d/%d loss %.4f lr %.2e grad_norm %.3f tokens/s %.0f%s peak mem %.1f GB "
+                         "eta %.0fs%s",
+                         job.name, done, t.train_iters, r.loss, r.lr, r.grad_norm, rate,
+                         f" MFU {record['mfu']:.1%}" if "mfu" in record else "", record["peak_memory_gb"], eta,
                          "" if "valid" not in record else " valid " + " ".join(
                              f"{d}={v:.3f}" for d, v in record["valid"].items()))
             # Collective (every rank, every step): all ranks stop at the same step.

@@ -30,5 +30,5 @@ dense=$(submit --dependency=afterok:$finetune "$HERE/10-dense.sbatch")
 echo "dense $dense"
 eval=$(submit --dependency=afterok:$baselines:$dense "$HERE/11-eval.sbatch")
 echo "eval $eval"
-report=$(submit --dependency=afterok:$eval "$HERE/12-report.sbatch")
+report=$(submit --dependency=afterany:$eval "$HERE/12-report.sbatch")
 echo "report $report"

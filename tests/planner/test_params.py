@@ -49,11 +49,11 @@ def built_counts(cfg, rank: int, world: int) -> tuple:
             tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=p.pp,
             virtual_pipeline_model_parallel_size=p.vp, expert_model_parallel_size=p.ep,
             expert_tensor_parallel_size=etp_of(p), create_gloo_process_groups=False)
-        with torch.device("meta"):
-            chunks = build_model(cfg, wrap_ddp=False)
+        chunks = build_model(cfg, shapes_only=True)  # exactly what mix, upcycle and import-hf build
         dense = expert = 0
         for chunk in chunks:
             for name, param in chunk.named_parameters():
+                assert param.device.type == "meta", name
                 if ".experts." in name:
                     expert += param.numel()
                 else:
@@ -82,3 +82,22 @@ def test_rank_params_equal_megatron_core(model, layout, monkeypatch):
 def test_total_params_of_llama2_7b():
     cfg = load_config(["model=llama2_7b"])
     assert total_params(cfg.model) == 6_738_415_616  # Llama-2-7b-hf's published count
+
+
+def test_shapes_only_model_never_touches_cuda(monkeypatch):
+    """What mix, upcycle and import-hf build on a GPU node: with CUDA reported available, the
+    shapes-only model is still all meta (no tensor copied to or allocated on a device), so the
+    same code path runs here and there (a meta tensor cannot be copied: `model.cuda()` on it
+    raised NotImplementedError on GPU nodes before)."""
+    def no_cuda(*args, **kwargs):
+        raise AssertionError("a shapes-only build touched CUDA")
+
+    cfg = load_config([*SMALL, *MOE, "parallel.ep=2", "parallel.tp=2", "parallel.etp=1"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name in ("current_device", "set_device", "device_count"):
+        monkeypatch.setattr(torch.cuda, name, no_cuda)
+    monkeypatch.setattr(torch.nn.Module, "cuda", no_cuda)
+    monkeypatch.setattr(torch.Tensor, "cuda", no_cuda)
+    stage, dense, expert = built_counts(cfg, rank=0, world=min_world_size(cfg.parallel))
+    want = rank_params(cfg.model, cfg.parallel, 0)
+    assert (dense, expert) == (want.dense, want.expert)

@@ -5,6 +5,7 @@ not fit. Each refusal is one line naming the key (exit 2); nothing is written.""
 import subprocess
 import sys
 
+import pytest
 
 from conftest import REPO, clean_env, paper_inputs
 from nemo_btx.config import load_config
@@ -130,3 +131,15 @@ def test_the_tokenizer_defaults_to_the_seeds(tmp_path):
     # A seed without a tokenizer of its own: the path must be given.
     (tmp_path / "llama2_7b" / "tokenizer" / "tokenizer.json").unlink()
     refused(["validate", *PAPER, *inputs], "data.tokenizer.path", tmp_path)
+
+
+def test_mfu_and_step_time_agree():
+    from nemo_btx.planner.flops import model_flops_per_token, mfu, step_seconds
+
+    m = load_config([*PAPER]).model
+    tokens, gpus, peak = 4 * 1024 * 1024, 8, 989e12
+    for util in (0.3, 0.45):
+        per_gpu = tokens / (step_seconds(m, tokens, gpus, peak_flops=peak, mfu=util) * gpus)
+        assert mfu(m, per_gpu, peak) == pytest.approx(util)
+    # Llama-2 7B: ~6 x 6.7e9 FLOPs per token plus attention at 4096 tokens.
+    assert 4.5e10 < model_flops_per_token(m) < 5.0e10

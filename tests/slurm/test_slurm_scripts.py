@@ -39,7 +39,7 @@ def submissions(submit_sh: str) -> dict:
         m = re.match(r'^(\w+)=\$\(submit (.*)"\$HERE/([\w.-]+)"\)$', line)
         if m:
             stage, opts, script = m.groups()
-            deps = re.search(r"--dependency=afterok:(\S+)", opts)
+            deps = re.search(r"--dependency=after(?:ok|any):(\S+)", opts)
             array = re.search(r"--array=(\S+)", opts)
             out[stage] = (script, [d.lstrip("$") for d in deps.group(1).split(":")] if deps else [],
                           array.group(1) if array else None)
@@ -100,7 +100,11 @@ def test_llama2_7b_h100_chain(tmp_path):
     assert by_stage["baselines"].layout == "llama2_7b_moe_h100" and by_stage["dense"].layout == "llama2_7b_h100"
     assert "array" not in sbatch_options(files[by_stage["dense"].script])
 
-    # The chain: afterok on the parents, submitted after them; a failure cancels what follows.
+    # The chain: afterok on the parents, submitted after them; a failure cancels what follows,
+    # except the report, which runs after the evaluations however they ended (and names what
+    # is missing).
+    assert '--dependency=afterany:$eval' in files["submit.sh"]
+    assert files["submit.sh"].count("afterany") == 1
     subs = submissions(files["submit.sh"])
     assert list(subs) == [j.stage for j in jobs]
     assert {s: deps for s, (_, deps, _) in subs.items()} == {
@@ -114,6 +118,7 @@ def test_llama2_7b_h100_chain(tmp_path):
     for job in jobs:
         opts = sbatch_options(files[job.script])
         assert opts["requeue"] is True and opts["signal"] == "B:USR1@600"
+        assert opts["mem"] == "0"  # the preset asks for a node's memory (saves stage in host memory)
         assert opts["chdir"] == "/cluster/nemo-btx" and opts["open-mode"] == "append"
     assert "export CUDA_DEVICE_MAX_CONNECTIONS=1" in experts
     assert sbatch_options(files[by_stage["experts"].script])["time"] == "1-00:00:00"

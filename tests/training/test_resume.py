@@ -65,6 +65,16 @@ def uninterrupted(tmp_path_factory):
     return out
 
 
+def test_metrics_record_throughput_and_memory(uninterrupted):
+    """Every step logs tokens/s per device and peak memory (on CPU: peak RSS; MFU only on GPU,
+    where cluster.gpu_peak_tflops means something)."""
+    recs = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
+    assert len(recs) == 12
+    for r in recs:
+        assert r["tokens_per_s_per_device"] == pytest.approx(r["tokens_per_s"])  # one process
+        assert 0.1 < r["peak_memory_gb"] < 8 and "mfu" not in r
+
+
 @pytest.mark.timeout(600)
 def test_kill9_then_resume_equals_uninterrupted(uninterrupted, tmp_path, test_rng):
     step = test_rng.randint(2, 10)
@@ -145,10 +155,11 @@ def test_distributed_optimizer_resume_at_dp2(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_usr1_checkpoints_exits_75_and_resumes_exactly(uninterrupted, tmp_path):
-    """Slurm's warning before a time limit (USR1): the loop saves a checkpoint at the next
-    step, exits with 75 (the job script requeues on it), and the requeued run ends exactly
-    like an uninterrupted one."""
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["USR1", "TERM"])
+def test_stop_signal_checkpoints_exits_75_and_resumes_exactly(uninterrupted, tmp_path, sig):
+    """Slurm's warning before a time limit (USR1) or a preemption (TERM): the loop saves a
+    checkpoint at the next step, exits with 75 (the job script requeues on it), and the
+    requeued run ends exactly like an uninterrupted one."""
     proc = subprocess.Popen([sys.executable, str(WORKER), str(tmp_path), *TINY], cwd=REPO,
                             env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     metrics = tmp_path / "metrics.jsonl"
@@ -157,7 +168,7 @@ def test_usr1_checkpoints_exits_75_and_resumes_exactly(uninterrupted, tmp_path):
         if metrics.exists() and len(metrics.read_text().splitlines()) >= 4:
             break
         time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGUSR1)
+    os.kill(proc.pid, sig)
     assert proc.wait(timeout=120) == 75, proc.stderr.read()[-3000:]
     assert not (tmp_path / "manifest.json").exists()
     saved = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if not p.name.startswith("."))
