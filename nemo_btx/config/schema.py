@@ -86,6 +86,9 @@ class ModelConfig:
     init_method_std: float = 0.02
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
+    allow_local_spec: bool = False
+    """On a CUDA machine without Transformer Engine: true trains with megatron-core's local layers
+    (unfused attention, no grouped GEMM; slow), false (default) stops with one line instead."""
     moe: MoEConfig = field(default_factory=MoEConfig)
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from nemo_btx.config.schema import ExperimentConfig
 from nemo_btx.config.validate import etp_of, sequence_parallel_of
+from nemo_btx.errors import ConfigError
 # The counting rules live in the planner (no torch there); re-exported for the model's users.
 from nemo_btx.planner.flops import model_flops_per_token  # noqa: F401
 from nemo_btx.planner.params import padded_vocab_size
@@ -105,7 +106,7 @@ def transformer_config(cfg: ExperimentConfig, shapes_only: bool = False):
             moe_token_dispatcher_type=moe.token_dispatcher_type,
             moe_expert_capacity_factor=moe.capacity_factor,
             moe_router_pre_softmax=moe.router_pre_softmax,
-            moe_grouped_gemm=moe.grouped_gemm and on_gpu,
+            moe_grouped_gemm=moe.grouped_gemm and spec_name(cfg, shapes_only) == "transformer_engine",
             moe_router_dtype="fp32",
         )
     tconfig = TransformerConfig(**kwargs)
@@ -117,20 +118,43 @@ def transformer_config(cfg: ExperimentConfig, shapes_only: bool = False):
     return tconfig
 
 
+#: What the last model built in this process runs on (written into checkpoint markers).
+KERNELS: dict = {}
+
+
+def spec_name(cfg: ExperimentConfig, shapes_only: bool = False) -> str:
+    """`transformer_engine` on a CUDA machine, `local` (megatron-core's own layers) on CPU and for
+    shapes-only models. A CUDA machine without Transformer Engine is an error unless
+    model.allow_local_spec: the local layers run unfused attention and no grouped GEMM, so a run
+    would silently be several times slower than its config says."""
+    if shapes_only or not torch.cuda.is_available():
+        return "local"
+    if have_transformer_engine():
+        return "transformer_engine"
+    if not cfg.model.allow_local_spec:
+        raise ConfigError("model.allow_local_spec", False,
+                          "this machine has CUDA but Transformer Engine does not import: install the "
+                          "`gpu` extra or use an NGC PyTorch container, or set model.allow_local_spec=true "
+                          "to train with megatron-core's local layers (unfused attention, no grouped GEMM)")
+    log.warning("model: CUDA without Transformer Engine: megatron-core's local layers "
+                "(model.allow_local_spec=true; unfused attention, no grouped GEMM)")
+    return "local"
+
+
 def layer_spec(cfg: ExperimentConfig, shapes_only: bool = False):
-    """Transformer Engine layers where TE imports (GPU), megatron-core's local layers otherwise
-    (and for a shapes-only model: TE allocates on the GPU whatever the default device; the local
-    spec's sharded_state_dict_keys_map gives its checkpoints TE's tensor names)."""
+    """Transformer Engine layers on GPU, megatron-core's local layers otherwise (`spec_name`;
+    for a shapes-only model too: TE allocates on the GPU whatever the default device, and the
+    local spec's sharded_state_dict_keys_map gives its checkpoints TE's tensor names)."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
     )
 
     moe = cfg.model.moe
-    grouped = moe.grouped_gemm and torch.cuda.is_available()
-    if have_transformer_engine() and not shapes_only:
+    name = spec_name(cfg, shapes_only)
+    if name == "transformer_engine":
         return get_gpt_layer_with_transformer_engine_spec(
-            num_experts=moe.num_experts, moe_grouped_gemm=grouped)
+            num_experts=moe.num_experts, moe_grouped_gemm=moe.grouped_gemm)
     return get_gpt_layer_local_spec(
         num_experts=moe.num_experts, moe_grouped_gemm=False, normalization=cfg.model.normalization)
 
@@ -163,6 +187,15 @@ def _build(cfg: ExperimentConfig, *, wrap_ddp: bool, frozen, shapes_only: bool) 
 
     tconfig = transformer_config(cfg, shapes_only)
     spec = layer_spec(cfg, shapes_only)
+    if not shapes_only:
+        KERNELS.clear()
+        KERNELS.update(
+            spec=spec_name(cfg), grouped_gemm=bool(tconfig.moe_grouped_gemm),
+            fused=[k for k in ("bias_activation_fusion", "bias_dropout_fusion", "masked_softmax_fusion",
+                               "apply_rope_fusion", "gradient_accumulation_fusion") if getattr(tconfig, k)],
+            recompute=tconfig.recompute_granularity)
+        log.info("model: %s layers, fused %s, grouped GEMM %s, recompute %s", KERNELS["spec"],
+                 ", ".join(KERNELS["fused"]) or "nothing", KERNELS["grouped_gemm"], KERNELS["recompute"])
     vp = tconfig.virtual_pipeline_model_parallel_size
     chunks = []
     for vp_stage in range(vp or 1):

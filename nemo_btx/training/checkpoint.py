@@ -159,9 +159,11 @@ def _write(path: Path, state: dict, marker: dict) -> None:
 def make_marker(kind: str, layout: dict, model_cfg, extra: Optional[dict] = None) -> dict:
     # `id` names these weights wherever they are copied (run_dir.checkpoint_identity): results
     # of an evaluation are keyed by it, never by the directory's name.
+    from nemo_btx.model.build import KERNELS
+
     return {"format_version": FORMAT_VERSION, "id": uuid.uuid4().hex, "kind": kind, "layout": layout,
             "model": dataclasses.asdict(model_cfg), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "versions": software_versions(), **(extra or {})}
+            "versions": software_versions(), "kernels": dict(KERNELS), **(extra or {})}
 
 
 

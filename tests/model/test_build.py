@@ -99,3 +99,22 @@ def test_flops_formula_counts_only_routed_experts():
     assert moe2 - dense == pytest.approx(ffn + router)
     all_experts = model_flops_per_token(_with_moe(cfg).model, active_experts=4)
     assert all_experts - moe2 == pytest.approx(2 * ffn)
+
+
+def test_cuda_without_transformer_engine_is_one_error(monkeypatch):
+    """On a CUDA machine whose Transformer Engine does not import, the model is not quietly
+    built from megatron-core's slow local layers: one line, unless model.allow_local_spec."""
+    from nemo_btx.config import load_config
+    from nemo_btx.errors import ConfigError
+    from nemo_btx.model import build
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(build, "have_transformer_engine", lambda: False)
+    with pytest.raises(ConfigError, match="model.allow_local_spec=False: this machine has CUDA"):
+        build.spec_name(load_config([]))
+    allowed = load_config(["model.allow_local_spec=true", "model.moe.num_experts=4", "model.moe.grouped_gemm=true"])
+    assert build.spec_name(allowed) == "local"
+    assert build.transformer_config(allowed).moe_grouped_gemm is False  # no grouped GEMM without TE
+    assert build.spec_name(load_config([]), shapes_only=True) == "local"  # a shapes-only model: never TE
+    monkeypatch.setattr(build, "have_transformer_engine", lambda: True)
+    assert build.spec_name(load_config([])) == "transformer_engine"

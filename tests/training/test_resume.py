@@ -73,6 +73,9 @@ def test_metrics_record_throughput_and_memory(uninterrupted):
     for r in recs:
         assert r["tokens_per_s_per_device"] == pytest.approx(r["tokens_per_s"])  # one process
         assert 0.1 < r["peak_memory_gb"] < 8 and "mfu" not in r
+    # What the model ran on is in its checkpoints' markers (on CPU: megatron-core's local layers).
+    marker = json.loads((uninterrupted / "weights" / "btx_checkpoint.json").read_text())
+    assert marker["kernels"]["spec"] == "local" and marker["kernels"]["grouped_gemm"] is False
 
 
 @pytest.mark.timeout(600)
