@@ -118,6 +118,9 @@ class ParallelConfig:
     """torch.distributed backend; auto = nccl with CUDA, gloo without."""
     batch_p2p_comm: bool = True
     """Batched pipeline send/recv. Forced off on gloo: it silently corrupts interleaved PP."""
+    overlap_grad_reduce: Optional[bool] = None
+    """Reduce each gradient bucket while the backward pass goes on (megatron DDP); null = on
+    on GPU with the distributed optimizer (megatron-core's recommendation), off otherwise."""
     timeout_minutes: int = 10
     """How long a collective may wait before the job fails (torch.distributed and megatron-core's
     groups): long enough for the slowest rank's checkpoint write (the 7B presets: 60)."""

@@ -254,12 +254,19 @@ def _exclude_padding_from_loss(model: torch.nn.Module, vocab_size: int) -> None:
     model.compute_language_model_loss = masked
 
 
+def overlap_grad_reduce(cfg: ExperimentConfig) -> bool:
+    p = cfg.parallel
+    if p.overlap_grad_reduce is not None:
+        return p.overlap_grad_reduce
+    return torch.cuda.is_available() and p.distributed_optimizer
+
+
 def wrap_in_ddp(cfg: ExperimentConfig, chunks: List[torch.nn.Module]) -> List[torch.nn.Module]:
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=overlap_grad_reduce(cfg),
         use_distributed_optimizer=cfg.parallel.distributed_optimizer,
     )
     wrapped = []

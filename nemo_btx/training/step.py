@@ -74,6 +74,12 @@ def attach_megatron_hooks(chunks: List[torch.nn.Module], optimizer) -> None:
     config.no_sync_func = [c.no_sync for c in chunks]
     if len(chunks) == 1:
         config.no_sync_func = config.no_sync_func[0]
+    overlap = getattr(getattr(chunks[0], "ddp_config", None), "overlap_grad_reduce", False)
+    if overlap and (len(chunks) > 1 or config.pipeline_model_parallel_size > 1):
+        # With overlap under PP, the schedule starts each chunk's gradient sync itself.
+        config.grad_sync_func = [c.start_grad_sync for c in chunks]
+        if len(chunks) == 1:
+            config.grad_sync_func = config.grad_sync_func[0]
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
 

@@ -151,6 +151,10 @@ def test_distributed_optimizer_resume_at_dp2(tmp_path):
     run(tmp_path, extra, nproc=2)
     again, _ = losses(tmp_path)
     assert again == first
+    # parallel.overlap_grad_reduce (buckets reduced during the backward): the same losses.
+    overlap = tmp_path / "overlap"
+    run(overlap, [*extra, "parallel.overlap_grad_reduce=true"], nproc=2)
+    assert losses(overlap)[0] == first
     resumed = weights(tmp_path)
     for key in final:
         assert torch.equal(final[key], resumed[key]), key
