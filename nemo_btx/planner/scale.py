@@ -5,6 +5,8 @@ imported seed, and nothing capped. Checked for every command before anything run
 
 from __future__ import annotations
 
+import dataclasses
+
 from nemo_btx.config.schema import ExperimentConfig
 from nemo_btx.errors import ConfigError
 from nemo_btx.planner.params import total_params
@@ -14,7 +16,8 @@ LARGE = 1e9
 
 
 def check_scale(cfg: ExperimentConfig) -> None:
-    n = total_params(cfg.model)
+    # The seed's size decides (an MoE of small experts is still a small experiment).
+    n = total_params(dataclasses.replace(cfg.model, moe=dataclasses.replace(cfg.model.moe, num_experts=None)))
     if n < LARGE:
         return
     size = f"a {n / 1e9:.1f}B-parameter model"
