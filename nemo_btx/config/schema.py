@@ -575,6 +575,17 @@ class ClusterConfig:
 
 
 @dataclass(kw_only=True)
+class LoggingConfig:
+    """Where training metrics go besides metrics.jsonl and TensorBoard (always written)."""
+
+    wandb: bool = False
+    """Also log every step to Weights & Biases (the `wandb` extra; WANDB_MODE=offline writes the
+    run to <stage dir>/wandb without a server). A resumed stage continues its W&B run."""
+    wandb_project: str = "nemo-btx"
+    wandb_entity: Optional[str] = None
+
+
+@dataclass(kw_only=True)
 class PlanConfig:
     """`nemo-btx plan`'s assumptions (nemo_btx/planner/)."""
 
@@ -632,3 +643,4 @@ class ExperimentConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     hf: HFConfig = field(default_factory=HFConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)

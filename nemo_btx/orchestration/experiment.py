@@ -13,7 +13,7 @@ from nemo_btx.run_dir import RunDir
 #: Keys that say where and how stages run, not what they compute: a run directory accepts a
 #: change of these (layouts, the run dir's own path, the cluster, logging, Hugging Face
 #: import/export paths, the HF merge's thread count).
-WHERE_AND_HOW = ("run.", "cluster.", "hf.", "train.log_interval", "mix.threads")
+WHERE_AND_HOW = ("run.", "cluster.", "hf.", "train.log_interval", "mix.threads", "logging.", "plan.")
 
 
 def preflight(cfg: ExperimentConfig) -> None:

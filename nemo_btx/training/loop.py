@@ -27,6 +27,7 @@ from nemo_btx import progress
 from nemo_btx.artifacts import software_versions, write_json_atomic, write_text_atomic
 from nemo_btx.config import to_yaml
 from nemo_btx.config.schema import ExperimentConfig, TrainStageConfig
+from nemo_btx.errors import ConfigError
 from nemo_btx.run_dir import CONFIG, LEDGER, MANIFEST, METRICS, ROUTING, WEIGHTS
 
 log = logging.getLogger(__name__)
@@ -84,12 +85,16 @@ def device_metrics(cfg: ExperimentConfig, tokens_per_s_per_device: float, cpu: b
 class _Metrics:
     """metrics.jsonl (source of the report's loss curves) plus TensorBoard scalars, rank 0 only."""
 
-    def __init__(self, out_dir: Path, resume_step: int, enabled: bool):
+    def __init__(self, out_dir: Path, resume_step: int, enabled: bool, cfg: Optional[ExperimentConfig] = None,
+                 name: str = ""):
         self.enabled = enabled
         self.path = out_dir / METRICS
         self.tb = None
+        self.wandb = None
         if not enabled:
             return
+        if cfg is not None and cfg.logging.wandb:
+            self.wandb = _wandb_run(cfg, out_dir, name)
         # Drop what a killed run logged after its last checkpoint: those steps will be redone.
         kept = []
         if self.path.exists():
@@ -121,10 +126,30 @@ class _Metrics:
                         self.tb.add_scalar(f"valid/{dom}_loss", loss, step)
                 elif key != "step" and isinstance(value, (int, float)):
                     self.tb.add_scalar(f"train/{key}", value, step)
+        if self.wandb is not None:
+            flat = {f"train/{k}": v for k, v in record.items() if k not in ("step", "valid")}
+            flat.update({f"valid/{d}_loss": v for d, v in record.get("valid", {}).items()})
+            self.wandb.log(flat, step=record["step"])
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _wandb_run(cfg: ExperimentConfig, out_dir: Path, name: str):
+    """A W&B run for one training stage: its id is derived from the stage's directory, so a
+    resumed stage appends to the same run (`resume="allow"`)."""
+    import hashlib
+
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError("logging.wandb", True, "wandb is not installed: pip install 'nemo-btx[wandb]'") from None
+    run_id = hashlib.sha1(str(out_dir.resolve()).encode()).hexdigest()[:16]
+    return wandb.init(project=cfg.logging.wandb_project, entity=cfg.logging.wandb_entity, name=name or out_dir.name,
+                      id=run_id, resume="allow", dir=str(out_dir), config={"yaml": to_yaml(cfg)})
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -202,7 +227,7 @@ def run_training(cfg: ExperimentConfig, job: TrainJob, rt,
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), rt.dp_size
     tokens_per_step = t.global_batch_size * cfg.model.seq_length
     flops_per_token = model_flops_per_token(cfg.model)
-    metrics = _Metrics(out, start, enabled=rt.is_main)
+    metrics = _Metrics(out, start, enabled=rt.is_main, cfg=cfg, name=job.name)
     bar = _progress(t.train_iters, start, enabled=rt.is_main)
     reporter = progress.Reporter("step", t.train_iters)  # for `nemo-btx run`'s status line
     preemption.install()  # USR1 (Slurm, before the time limit) -> checkpoint and stop

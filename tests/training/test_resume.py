@@ -78,6 +78,26 @@ def test_metrics_record_throughput_and_memory(uninterrupted):
     assert marker["kernels"]["spec"] == "local" and marker["kernels"]["grouped_gemm"] is False
 
 
+@pytest.mark.timeout(300)
+def test_wandb_offline_logs_every_step(tmp_path):
+    """logging.wandb=true: every step also goes to a Weights & Biases run (offline mode here: the
+    run is written under the stage's directory), named after the stage, with the final losses."""
+    env = clean_env(WANDB_MODE="offline", WANDB_SILENT="true")
+    extra = ["logging.wandb=true", "train.train_iters=4", "job.save_interval=4", "job.eval_interval=4"]
+    proc = subprocess.run([sys.executable, str(WORKER), str(tmp_path), *TINY, *extra], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (run,) = (tmp_path / "wandb").glob("offline-run-*")
+    (log,) = run.glob("run-*.wandb")  # the offline run's record log: its values are JSON text
+    raw = log.read_bytes()
+    assert b"train/loss" in raw and b"valid/synthetic_loss" in raw and b"train/peak_memory_gb" in raw
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 4
+    for r in records:  # every step's loss, as W&B encodes it
+        assert json.dumps(r["loss"]).encode() in raw, r["step"]
+    assert json.dumps(records[-1]["valid"]["synthetic"]).encode() in raw
+
+
 @pytest.mark.timeout(600)
 def test_kill9_then_resume_equals_uninterrupted(uninterrupted, tmp_path, test_rng):
     step = test_rng.randint(2, 10)
