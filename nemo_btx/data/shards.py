@@ -201,7 +201,9 @@ def _init_worker(cfg: ExperimentConfig, plans: Dict[str, DomainPlan]) -> None:
 
     # One worker = one core: the Rust tokenizer's own threads would compete with the others.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    # USR1 only: Pool.terminate() stops a worker with TERM, which must still end it.
+    # USR1 only: Pool.terminate() stops a worker with TERM, which must still end it (a forked
+    # worker inherits the parent's handlers, where TERM is a stop request: reset it).
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     preemption.install((signal.SIGUSR1,))
     _WORKER.update(cfg=cfg, plans=plans, tokenizer=load_tokenizer(RunDir.of(cfg).root))
 
