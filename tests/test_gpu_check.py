@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO, clean_env
 
 SCRIPT = REPO / "bench" / "gpu_check.sh"
@@ -19,6 +21,7 @@ def dry_run(out, gpus):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_dry_run_validates_and_predicts(tmp_path):
     proc = dry_run(tmp_path, 8)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -32,6 +35,7 @@ def test_dry_run_validates_and_predicts(tmp_path):
     assert bad.returncode == 2 and "use 1 or an even number" in bad.stderr
 
 
+@pytest.mark.slow
 def test_report_reads_each_stage_and_checks_the_resume(tmp_path):
     proc = dry_run(tmp_path, 2)
     assert proc.returncode == 0, proc.stderr[-3000:]

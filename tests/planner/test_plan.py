@@ -73,6 +73,7 @@ def test_the_7b_preset_refuses_toy_data_and_a_missing_seed(tmp_path):
     assert "seed.checkpoint" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_a_seed_that_is_not_the_runs_is_refused(tmp_path):
     inputs = paper_inputs(tmp_path)
     refused(["validate", *PAPER, *inputs, "model.rotary_base=500000"], "model.rotary_base", tmp_path)

@@ -78,6 +78,7 @@ def test_metrics_record_throughput_and_memory(uninterrupted):
     assert marker["kernels"]["spec"] == "local" and marker["kernels"]["grouped_gemm"] is False
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_wandb_offline_logs_every_step(tmp_path):
     """logging.wandb=true: every step also goes to a Weights & Biases run (offline mode here: the
