@@ -156,6 +156,10 @@ class TrainConfig:
     precision: str = choice("auto", "auto", "fp32", "bf16")
     """auto = bf16 on GPU, fp32 on CPU."""
     log_interval: int = 5
+    async_save: Optional[bool] = None
+    """Write training checkpoints in the background (megatron-core's async torch_dist save:
+    tensors copied to host memory, written by a forked process, the checkpoint published when
+    every rank finished) while training goes on; null = on on GPU, off on CPU."""
     optimizer_save_gather: str = choice("dp0", "dp0", "all")
     """How a training checkpoint gathers the distributed optimizer's shards to write them per
     model tensor (the format that resumes at any layout): dp0 onto data-parallel rank 0 over

@@ -28,7 +28,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -134,8 +134,12 @@ def _load(template: dict, path: Path) -> dict:
         raise CheckpointError(f"{path}: cannot load: {(lines[-1] if lines else repr(err))[:500]}") from None
 
 
-def _write(path: Path, state: dict, marker: dict) -> None:
-    """Collective save into a temporary sibling, then rename: readers never see half a checkpoint."""
+def _write(path: Path, state: dict, marker: dict, saver: Optional["AsyncSaver"] = None,
+           then: Optional[Callable[[], None]] = None) -> None:
+    """Collective save into a temporary sibling, then rename: readers never see half a checkpoint.
+
+    With `saver`, the tensors are written by a background process while training goes on; the
+    marker and the rename (and `then`) happen when the saver finalises the write, on every rank."""
     from megatron.core import dist_checkpointing
 
     path = Path(path)
@@ -145,15 +149,50 @@ def _write(path: Path, state: dict, marker: dict) -> None:
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     _barrier()
-    dist_checkpointing.save(state, str(tmp))
-    _barrier()
-    if _rank0():
-        write_json_atomic(tmp / MARKER, marker)
-        if path.exists():
-            # Only ever a complete checkpoint of the same step (a re-run of a finished save).
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    _barrier()
+
+    def publish() -> None:
+        _barrier()
+        if _rank0():
+            write_json_atomic(tmp / MARKER, marker)
+            if path.exists():
+                # Only ever a complete checkpoint of the same step (a re-run of a finished save).
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+            if then is not None:
+                then()
+        _barrier()
+
+    if saver is None:
+        dist_checkpointing.save(state, str(tmp))
+        publish()
+        return
+    request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
+    request.add_finalize_fn(publish)
+    saver.schedule(request)
+
+
+class AsyncSaver:
+    """Training checkpoints written in the background (train.async_save): megatron-core's async
+    torch_dist save copies this rank's tensors to host memory, a forked process writes them, and
+    the checkpoint is published (marker, rename, pruning) once every rank's write finished. At
+    most one save is in flight: the next one first waits for the previous."""
+
+    def __init__(self) -> None:
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        self.queue = AsyncCallsQueue()
+
+    def schedule(self, request) -> None:
+        self.wait()
+        self.queue.schedule_async_request(request)
+
+    def poll(self) -> None:
+        """Collective: publish a finished save (call on every rank at the same step)."""
+        self.queue.maybe_finalize_async_calls(blocking=False)
+
+    def wait(self) -> None:
+        """Collective: block until every save in flight is published."""
+        self.queue.maybe_finalize_async_calls(blocking=True)
 
 
 def make_marker(kind: str, layout: dict, model_cfg, extra: Optional[dict] = None) -> dict:
@@ -304,16 +343,20 @@ def _training_state(chunks, optimizer, scheduler, step: int, extra: dict, loadin
 
 
 def save_training_checkpoint(root: Path, chunks, optimizer, scheduler, step: int, model_cfg,
-                             extra: Optional[dict] = None, keep: int = 2, gather: str = "dp0") -> Path:
-    """Collective: model, optimizer, LR schedule, RNG and data position after `step` steps."""
+                             extra: Optional[dict] = None, keep: int = 2, gather: str = "dp0",
+                             saver: Optional[AsyncSaver] = None) -> Path:
+    """Collective: model, optimizer, LR schedule, RNG and data position after `step` steps
+    (published when `saver` finalises it, with `saver`)."""
     path = step_dir(root, step)
     state = _training_state(chunks, optimizer, scheduler, step, extra or {}, loading=False, gather=gather)
+
+    def prune() -> None:  # rank 0, once the new checkpoint is in place
+        if keep > 0:
+            for old in complete_checkpoints(root)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+
     _write(path, state, make_marker("training", current_layout(), model_cfg,
-                                {"step": step, **(extra or {})}))
-    if _rank0() and keep > 0:
-        for old in complete_checkpoints(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+                                {"step": step, **(extra or {})}), saver=saver, then=prune)
     return path
 
 

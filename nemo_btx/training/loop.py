@@ -66,6 +66,13 @@ def stage_config(cfg: ExperimentConfig, stage: TrainStageConfig, train_iters: in
     return dataclasses.replace(cfg, train=train)
 
 
+def async_save(cfg: ExperimentConfig) -> bool:
+    """train.async_save, null = on on GPU (megatron-core's background writer), off on CPU."""
+    if cfg.train.async_save is not None:
+        return cfg.train.async_save
+    return torch.cuda.is_available()
+
+
 def device_metrics(cfg: ExperimentConfig, tokens_per_s_per_device: float, cpu: bool) -> dict:
     """Per step: tokens/s per device, this process's peak memory (GPU: what torch allocated;
     CPU: peak RSS) and on GPU the MFU against cluster.gpu_peak_tflops."""
@@ -231,12 +238,15 @@ def run_training(cfg: ExperimentConfig, job: TrainJob, rt,
     bar = _progress(t.train_iters, start, enabled=rt.is_main)
     reporter = progress.Reporter("step", t.train_iters)  # for `nemo-btx run`'s status line
     preemption.install()  # USR1 (Slurm, before the time limit) -> checkpoint and stop
+    saver = ckpt.AsyncSaver() if async_save(cfg) else None
     t0, steps_run = time.perf_counter(), 0
     last_valid: Dict[str, float] = {}
     try:
         for step in range(start, t.train_iters):
             micro = rank_microbatches(cfg, batch_fn(step), dp_rank, dp_size, rt.device)
             r = train_step(cfg, chunks, optimizer, scheduler, micro)
+            if saver is not None:
+                saver.poll()  # publish a background save that finished (collective)
             done = step + 1
             steps_run += 1
             rate = tokens_per_step * steps_run / (time.perf_counter() - t0)
@@ -268,8 +278,10 @@ def run_training(cfg: ExperimentConfig, job: TrainJob, rt,
                     extra={"tokens_seen": done * tokens_per_step,
                            "wall_s": spent_before["wall_s"] + so_far,
                            "device_seconds": spent_before["device_seconds"] + so_far * rt.world_size},
-                    keep=stage.keep_checkpoints, gather=t.optimizer_save_gather)
+                    keep=stage.keep_checkpoints, gather=t.optimizer_save_gather, saver=saver)
             if stop:
+                if saver is not None:
+                    saver.wait()  # the checkpoint the requeued job resumes from is complete
                 log.info("%s: stop requested: checkpoint at step %d saved; exiting with %d to be "
                          "requeued", job.name, done, preemption.EXIT_REQUEUE)
                 raise preemption.Requeue()
@@ -277,6 +289,8 @@ def run_training(cfg: ExperimentConfig, job: TrainJob, rt,
         if bar is not None:
             bar.close()
         metrics.close()
+    if saver is not None:
+        saver.wait()  # the last checkpoint is published before the stage's outputs
 
     wall = time.perf_counter() - t0
     routing = None

@@ -183,12 +183,15 @@ def test_distributed_optimizer_resume_at_dp2(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["USR1", "TERM"])
-def test_stop_signal_checkpoints_exits_75_and_resumes_exactly(uninterrupted, tmp_path, sig):
+@pytest.mark.parametrize("sig,extra", [(signal.SIGUSR1, []), (signal.SIGTERM, []),
+                                       (signal.SIGUSR1, ["train.async_save=true"])],
+                         ids=["USR1", "TERM", "USR1-async-save"])
+def test_stop_signal_checkpoints_exits_75_and_resumes_exactly(uninterrupted, tmp_path, sig, extra):
     """Slurm's warning before a time limit (USR1) or a preemption (TERM): the loop saves a
     checkpoint at the next step, exits with 75 (the job script requeues on it), and the
-    requeued run ends exactly like an uninterrupted one."""
-    proc = subprocess.Popen([sys.executable, str(WORKER), str(tmp_path), *TINY], cwd=REPO,
+    requeued run ends exactly like an uninterrupted one. With train.async_save the checkpoints
+    are written in the background (published at a later step, or before the exit)."""
+    proc = subprocess.Popen([sys.executable, str(WORKER), str(tmp_path), *TINY, *extra], cwd=REPO,
                             env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 240
@@ -202,7 +205,8 @@ def test_stop_signal_checkpoints_exits_75_and_resumes_exactly(uninterrupted, tmp
     saved = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if not p.name.startswith("."))
     stopped_at = len(metrics.read_text().splitlines())
     assert saved[-1] == f"step-{stopped_at:06d}" and stopped_at < 12, saved
-    run(tmp_path)
+    assert all((tmp_path / "checkpoints" / d / "btx_checkpoint.json").is_file() for d in saved)
+    run(tmp_path, extra)
     assert losses(tmp_path) == losses(uninterrupted)
     a, b = weights(uninterrupted), weights(tmp_path)
     for key in a:
