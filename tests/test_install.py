@@ -102,7 +102,9 @@ def test_wheel_install_finds_conf_and_eval(tmp_path):
     cli = target / "bin" / "nemo-btx"
     out = _run([cli, "config", "model.num_layers=3"], cwd=work, env=env)
     assert "num_layers: 3" in out
-    out = _run([cli, "validate", "experiment=llama2_7b_h100"], cwd=work, env=env)
+    from conftest import paper_inputs
+
+    out = _run([cli, "validate", "experiment=llama2_7b_h100", *paper_inputs(tmp_path / "paper")], cwd=work, env=env)
     assert "config OK: model llama2_7b" in out
     run = work / "run"
     _run([cli, "run", "--only", "data", f"run.dir={run}", "data.max_chars_per_domain=20000"],

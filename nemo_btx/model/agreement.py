@@ -16,9 +16,9 @@ from pathlib import Path
 
 
 from nemo_btx.config.schema import SHAPE_FIELDS, ExperimentConfig
-from nemo_btx.data.tokenizer import hf_tokenizer_file, seed_tokenizer
+from nemo_btx.data.tokenizer import TOKENIZER_FILE, hf_tokenizer_file, seed_tokenizer
 from nemo_btx.errors import ConfigError
-from nemo_btx.run_dir import CHECKPOINT_MARKER, WEIGHTS
+from nemo_btx.run_dir import CHECKPOINT_MARKER, WEIGHTS, RunDir
 
 #: Besides the shapes: fields that change what the weights compute.
 BEHAVIOUR_FIELDS = ("rotary_base", "position_embedding_type", "norm_epsilon")
@@ -29,12 +29,21 @@ def seed_marker(path: Path) -> dict:
     for candidate in (path / CHECKPOINT_MARKER, path / WEIGHTS / CHECKPOINT_MARKER):
         if candidate.is_file():
             return json.loads(candidate.read_text())
-    raise ConfigError("seed.checkpoint", str(path), f"no {CHECKPOINT_MARKER}: not a complete checkpoint "
-                      "(import one with `nemo-btx import-hf`)")
+    raise ConfigError("seed.checkpoint", str(path), f"incomplete checkpoint (no {CHECKPOINT_MARKER}; "
+                      "import one with `nemo-btx import-hf`)")
 
 
 def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    """The tokenizer's identity: the hash of its canonical serialisation (a run stores the
+    tokenizer it loaded re-serialised, so file bytes differ for the same tokenizer); a file the
+    tokenizers library cannot read is hashed as it is."""
+    try:
+        from tokenizers import Tokenizer
+
+        text = Tokenizer.from_file(str(path)).to_str().encode("utf-8")
+    except Exception:  # the Rust library raises a bare Exception on a malformed file
+        text = path.read_bytes()
+    return hashlib.sha256(text).hexdigest()[:16]
 
 
 def check_seed(cfg: ExperimentConfig) -> None:
@@ -56,11 +65,17 @@ def check_seed(cfg: ExperimentConfig) -> None:
             hf_tokenizer_file(tok.path, cfg.seed.checkpoint)  # a given path must exist; null fails here
         return  # a seed without a known tokenizer: the vocabulary check above is all we have
     if tok.kind != "hf":
-        raise ConfigError("data.tokenizer.kind", tok.kind,
-                          f"a new BPE would give ids the seed never saw; use the seed's tokenizer: "
-                          f"data.tokenizer.kind=hf (its path null: the seed's, {theirs.parent})")
-    ours = hf_tokenizer_file(tok.path, cfg.seed.checkpoint)
+        # A BPE this run already has (trained, or copied from the seed's run) is checked like a
+        # given file; one still to be trained would give ids the seed never saw.
+        ours = RunDir.of(cfg).tokenizer / TOKENIZER_FILE
+        if not ours.is_file():
+            raise ConfigError("data.tokenizer.kind", tok.kind,
+                              f"a new BPE would give ids the seed never saw; use the seed's tokenizer: "
+                              f"data.tokenizer.kind=hf (its path null: the seed's, {theirs.parent})")
+    else:
+        ours = hf_tokenizer_file(tok.path, cfg.seed.checkpoint)
     if _sha(ours) != _sha(theirs):
-        raise ConfigError("data.tokenizer.path", tok.path,
+        key, value = ("data.tokenizer.path", tok.path) if tok.kind == "hf" else ("data.tokenizer.kind", tok.kind)
+        raise ConfigError(key, value,
                           f"{ours} (sha256 {_sha(ours)}) is not the seed's tokenizer {theirs} "
                           f"(sha256 {_sha(theirs)})")

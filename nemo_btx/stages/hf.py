@@ -48,7 +48,8 @@ def import_hf(cfg: ExperimentConfig) -> Path:
     tokenizer = checkpoint_tokenizer(out) if manifest["tokenizer"] else "<its tokenizer.json>"
     log.info("import-hf: %s is ready as the seed; next:", model.name)
     log.info("  nemo-btx data %s data.tokenizer.kind=hf data.tokenizer.path=%s", common, tokenizer)
-    log.info("  nemo-btx seed %s seed.checkpoint=%s", common, out)
+    log.info("  nemo-btx seed %s data.tokenizer.kind=hf data.tokenizer.path=%s seed.checkpoint=%s",
+             common, tokenizer, out)
     return out
 
 

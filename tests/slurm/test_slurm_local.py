@@ -213,12 +213,16 @@ def test_failed_expert_is_retrained_alone(slurm, tmp_path):
     wait_for(slurm, rd)
     experts = {d: rd / "experts" / d / "manifest.json" for d in ("code", "math", "wiki")}
     assert experts["code"].is_file() and experts["wiki"].is_file() and not experts["math"].is_file()
-    # Nothing downstream started; Slurm cancelled it (dependency never satisfied).
-    assert {e["unit"].split(":")[0] for e in events(rd)} == {"tokenizer", "data", "seed", "branch", "experts"}
-    for stage in ("mix", "finetune", "baselines", "eval", "report"):
+    # Nothing downstream started, Slurm cancelled it (dependency never satisfied), except the
+    # report: it runs after the evaluations however they ended (afterany) and names what is missing.
+    assert {e["unit"].split(":")[0] for e in events(rd)} == {"tokenizer", "data", "seed", "branch", "experts",
+                                                              "report"}
+    for stage in ("mix", "finetune", "dense", "eval"):
         out = subprocess.run(["scontrol", "show", "job", first[stage]["id"]], env=slurm, capture_output=True,
                              text=True, timeout=60).stdout
         assert "JobState=CANCELLED" in out and "DependencyNeverSatisfied" in out, out
+    report = json.loads((rd / "report" / "report.json").read_text())
+    assert any("btx" in m for m in report["missing"]), report["missing"]
     mtimes = {d: experts[d].stat().st_mtime_ns for d in ("code", "wiki")}
     n_events = len(events(rd))
 
@@ -235,11 +239,14 @@ def test_failed_expert_is_retrained_alone(slurm, tmp_path):
     assert all(e["rc"] in (None, 0) for e in events(rd)[n_events:])
 
 
-def test_job_requeues_before_time_limit(slurm, tmp_path):
-    """USR1 before the time limit: the stage stops (exit 75), the job requeues and finishes.
+@pytest.mark.parametrize("sig", ["USR1", "TERM"])
+def test_job_requeues_before_time_limit(slurm, tmp_path, sig):
+    """USR1 before the time limit, or TERM (a preemption, `scancel`): the stage stops (exit 75),
+    the job requeues and finishes.
 
-    A stand-in interpreter plays the stage (the training loop's side is tested in
-    test_slurm_scripts): experts:code waits for the stop file on its first run.
+    A stand-in interpreter plays the stage (the training loop's side, which turns both signals
+    into a checkpoint and exit 75, is tested in tests/training/test_resume.py): experts:code
+    waits for the stop file, which the job script creates on either signal, on its first run.
     """
     rd = tmp_path / "run"
     fake = tmp_path / "fake-python"
@@ -253,7 +260,7 @@ def test_job_requeues_before_time_limit(slurm, tmp_path):
     wait_for(slurm, rd, timeout=120, until=lambda: "experts:code" in spans(events(rd)))
     # What sbatch --signal=B:USR1@N does N seconds before the time limit (scancel may report an
     # error when the job requeues before its reply: the events below are what counts).
-    subprocess.run(["scancel", "--signal=USR1", "--batch", f"{jobs['experts']['id']}_0"], env=slurm,
+    subprocess.run(["scancel", f"--signal={sig}", "--batch", f"{jobs['experts']['id']}_0"], env=slurm,
                    capture_output=True, timeout=60)
     wait_for(slurm, rd, timeout=240)
     code = [(e["event"], e["rc"], e["restart"]) for e in events(rd) if e["unit"] == "experts:code"]
