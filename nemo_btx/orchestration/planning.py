@@ -15,6 +15,7 @@ from typing import List, Sequence
 
 from nemo_btx.config.budgets import stage_iters, tokens_per_step
 from nemo_btx.config.schema import ExperimentConfig, ModelConfig, ParallelConfig, expert_domains
+from nemo_btx.config.validate import min_world_size
 from nemo_btx.errors import ConfigError
 from nemo_btx.planner import flops, memory
 from nemo_btx.planner.params import rank_params, total_params
@@ -74,7 +75,7 @@ def _layout(cfg: ExperimentConfig, stage: str, overrides: Sequence[str], config_
         p = res["parallel"] or ParallelConfig()
         return name, p, res["nodes"] * res["procs_per_node"], res["nodes"]
     p = layout_config(name, overrides, config_name) if name else cfg.parallel
-    return name, p, p.world_size or memory.min_world_size(p), 1
+    return name, p, p.world_size or min_world_size(p), 1
 
 
 def _train(cfg, name: str, stage: str, model: ModelConfig, tokens: float, overrides, config_name,
@@ -102,7 +103,7 @@ def _train(cfg, name: str, stage: str, model: ModelConfig, tokens: float, overri
         step_s=step_s, gpu_days=steps * step_s * world / DAY)
 
 
-def _convert(cfg, name: str, stage: str, model: ModelConfig, sources: int, overrides, config_name,
+def _convert(cfg, name: str, stage: str, model: ModelConfig, overrides, config_name,
              precision: str) -> StagePlan:
     """mix / upcycle: each rank holds its shard of the MoE and reads one dense source at a time."""
     layout_name, p, world, nodes = _layout(cfg, stage, overrides, config_name)
@@ -146,8 +147,7 @@ def plan_experiment(cfg: ExperimentConfig, overrides: Sequence[str] = (),
         rows.append(_train(cfg, f"experts:{d}", "experts", dense,
                            stage_iters(cfg, "experts", d) * per_step, overrides, config_name, precision))
     btx = moe_model(cfg, "mix")
-    sources = len(experts) + (1 if cfg.mix.include_seed else 0)
-    rows.append(_convert(cfg, "mix", "mix", btx, sources, overrides, config_name, precision))
+    rows.append(_convert(cfg, "mix", "mix", btx, overrides, config_name, precision))
     finetune_tokens = stage_iters(cfg, "finetune") * per_step
     rows.append(_train(cfg, "finetune", "finetune", btx, finetune_tokens, overrides, config_name, precision))
     # Baselines: budgets as training/budget.py will set them from the ledger (tokens for the
@@ -156,7 +156,7 @@ def plan_experiment(cfg: ExperimentConfig, overrides: Sequence[str] = (),
     if which:
         upcycled = moe_model(cfg, "upcycle")
         if any(w.startswith("upcycle") for w in which):
-            rows.append(_convert(cfg, "upcycle", "upcycle", upcycled, 1, overrides, config_name, precision))
+            rows.append(_convert(cfg, "upcycle", "upcycle", upcycled, overrides, config_name, precision))
         btx_flops = sum(r.tokens * flops.model_flops_per_token(r.model) for r in rows
                         if r.name.startswith("experts:") or r.name == "finetune")
         for w in which:
