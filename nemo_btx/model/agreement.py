@@ -74,8 +74,8 @@ def check_seed(cfg: ExperimentConfig) -> None:
                               f"data.tokenizer.kind=hf (its path null: the seed's, {theirs.parent})")
     else:
         ours = hf_tokenizer_file(tok.path, cfg.seed.checkpoint)
-    if _sha(ours) != _sha(theirs):
+    mine, seeds = _sha(ours), _sha(theirs)
+    if mine != seeds:
         key, value = ("data.tokenizer.path", tok.path) if tok.kind == "hf" else ("data.tokenizer.kind", tok.kind)
-        raise ConfigError(key, value,
-                          f"{ours} (sha256 {_sha(ours)}) is not the seed's tokenizer {theirs} "
-                          f"(sha256 {_sha(theirs)})")
+        raise ConfigError(key, value, f"{ours} (sha256 {mine}) is not the seed's tokenizer {theirs} "
+                                      f"(sha256 {seeds})")

@@ -41,6 +41,10 @@ class StagePlan:
     """Per-GPU bytes by part; 'total' is their sum."""
     host_save: float = 0.0
     """Host bytes of a checkpoint save on the busiest node."""
+    params: int = 0
+    """Parameters on the most loaded GPU (a BTM ensemble: of all its experts)."""
+    optimizer_no_do: float = 0.0
+    """Training: the optimizer bytes per GPU without the distributed optimizer."""
     step_s: float = 0.0
     gpu_days: float = 0.0
 
@@ -98,6 +102,7 @@ def _train(cfg, name: str, stage: str, model: ModelConfig, tokens: float, overri
     return StagePlan(
         name=name, kind="train", model=model, layout=layout, layout_name=layout_name or "parallel",
         nodes=nodes, recompute=p.recompute, tokens=steps * per_step, steps=steps, memory=parts,
+        params=rank_params(model, p, mem.pp_rank).total, optimizer_no_do=mem.optimizer_unsharded,
         host_save=memory.checkpoint_host_bytes(model, layout, precision=precision, ranks_per_node=per_node,
                                                gather=cfg.train.optimizer_save_gather),
         step_s=step_s, gpu_days=steps * step_s * world / DAY)
@@ -115,7 +120,8 @@ def _convert(cfg, name: str, stage: str, model: ModelConfig, overrides, config_n
     parts = {"weights": moe * b, "source": dense * b}
     parts["total"] = sum(parts.values())
     return StagePlan(name=name, kind="convert", model=model, layout=layout,
-                     layout_name=layout_name or "parallel", nodes=nodes, recompute="none", memory=parts)
+                     layout_name=layout_name or "parallel", nodes=nodes, recompute="none", memory=parts,
+                     params=moe)
 
 
 def _eval(cfg, name: str, model: ModelConfig, overrides, config_name, precision: str,
@@ -128,7 +134,8 @@ def _eval(cfg, name: str, model: ModelConfig, overrides, config_name, precision:
                                     overhead=cfg.plan.overhead_gb * memory.GB if gpu else 0.0)
     parts = {k: v * (copies if k in ("weights", "kv_cache") else 1) for k, v in parts.items()}
     parts["total"] = sum(parts.values())
-    return StagePlan(name=name, kind="eval", model=model, layout=layout,
+    params = copies * max(rank_params(model, p, r).total for r in range(p.pp))
+    return StagePlan(name=name, kind="eval", model=model, layout=layout, params=params,
                      layout_name=layout_name or "one GPU", nodes=nodes, recompute="none", memory=parts)
 
 
@@ -220,17 +227,10 @@ def render(cfg: ExperimentConfig, rows: Sequence[StagePlan]) -> str:
              f"{'optim':>6} {'no-DO':>8} {'activ':>6} {'total GB':>8} {'fits':>4} {'host GB':>7}"]
     for r in rows:
         m = r.memory
-        params = max(rank_params(r.model, r.layout.parallel, k).total for k in range(r.layout.parallel.pp))
-        if r.name.startswith("eval:btm"):
-            params *= len(expert_domains(cfg))
         fits = "" if not gpu else ("yes" if m["total"] <= limit * memory.GB else "NO")
-        unsharded = ""
-        if r.kind == "train":
-            plain = memory.state_bytes(rank_params(r.model, r.layout.parallel, 0), r.layout,
-                                       precision_of(cfg), False)["optimizer"]
-            unsharded = _gb(plain)
+        unsharded = _gb(r.optimizer_no_do) if r.kind == "train" else ""
         lines.append(
-            f"{r.name:<26} {_layout_text(r):<24} {r.gpus:>5} {params / 1e9:>9.2f}B "
+            f"{r.name:<26} {_layout_text(r):<24} {r.gpus:>5} {r.params / 1e9:>9.2f}B "
             f"{_gb(m.get('weights', 0)):>8} {_gb(m.get('gradients', 0)):>6} {_gb(m.get('optimizer', 0)):>6} "
             f"{unsharded:>8} {_gb(m.get('activations', m.get('kv_cache', 0))):>6} {_gb(m['total']):>8} "
             f"{fits:>4} {(_gb(r.host_save) if r.host_save else ''):>7}")

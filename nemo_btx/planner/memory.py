@@ -223,12 +223,12 @@ def checkpoint_host_bytes(m: ModelConfig, layout: Layout, *, precision: str, ran
     params = rank_params(m, p, 0)
     optim = ADAM_BYTES + (4 if precision == "bf16" else 0)
     cp, etp = p.cp, etp_of(p)
+    everyone = p.distributed_optimizer and gather == "all"  # every rank holds its gathered state
     total = 0.0
     for r in range(min(ranks_per_node, layout.world)):
         dense_dp0 = (r // (p.tp * cp)) % layout.dp == 0
         expert_dp0 = (r // (etp * p.ep)) % layout.edp == 0
-        holds = (lambda dp0: dp0 or (p.distributed_optimizer and gather == "all"))
         total += dense_dp0 * params.dense * param_bytes(precision)
         total += expert_dp0 * params.expert * param_bytes(precision)
-        total += holds(dense_dp0) * params.dense * optim + holds(expert_dp0) * params.expert * optim
+        total += (dense_dp0 or everyone) * params.dense * optim + (expert_dp0 or everyone) * params.expert * optim
     return total
