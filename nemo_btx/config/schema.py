@@ -121,6 +121,10 @@ class ParallelConfig:
     overlap_grad_reduce: Optional[bool] = None
     """Reduce each gradient bucket while the backward pass goes on (megatron DDP); null = on
     on GPU with the distributed optimizer (megatron-core's recommendation), off otherwise."""
+    overlap_param_gather: Optional[bool] = None
+    """All-gather the distributed optimizer's updated parameter shards during the next forward
+    pass, bucket by bucket, instead of right after the step; needs parallel.distributed_optimizer.
+    null = on on GPU with the distributed optimizer, off otherwise."""
     timeout_minutes: int = 10
     """How long a collective may wait before the job fails (torch.distributed and megatron-core's
     groups): long enough for the slowest rank's checkpoint write (the 7B presets: 60)."""

@@ -267,6 +267,10 @@ def check_parallel(cfg: ExperimentConfig, world_size: int) -> None:
             raise ConfigError("parallel.sequence_parallel", False,
                               "megatron-core MoE with parallel.tp > 1 requires sequence parallel "
                               "(set it to true or null)")
+    if p.overlap_param_gather and not p.distributed_optimizer:
+        raise ConfigError("parallel.overlap_param_gather", True,
+                          "gathers the distributed optimizer's parameter shards: needs "
+                          "parallel.distributed_optimizer=true (or set it to false or null)")
     if sequence_parallel_of(cfg) and m.seq_length % p.tp:
         raise ConfigError("model.seq_length", m.seq_length,
                           f"sequence parallel splits the sequence over parallel.tp={p.tp}: "

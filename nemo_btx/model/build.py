@@ -261,12 +261,20 @@ def overlap_grad_reduce(cfg: ExperimentConfig) -> bool:
     return torch.cuda.is_available() and p.distributed_optimizer
 
 
+def overlap_param_gather(cfg: ExperimentConfig) -> bool:
+    p = cfg.parallel
+    if p.overlap_param_gather is not None:
+        return p.overlap_param_gather
+    return torch.cuda.is_available() and p.distributed_optimizer
+
+
 def wrap_in_ddp(cfg: ExperimentConfig, chunks: List[torch.nn.Module]) -> List[torch.nn.Module]:
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=overlap_grad_reduce(cfg),
+        overlap_param_gather=overlap_param_gather(cfg),
         use_distributed_optimizer=cfg.parallel.distributed_optimizer,
     )
     wrapped = []

@@ -202,7 +202,7 @@ def run_training(cfg: ExperimentConfig, job: TrainJob, rt,
     from nemo_btx.runtime.distributed import seed_everything
     from nemo_btx.training import checkpoint as ckpt
     from nemo_btx.training.batches import rank_microbatches
-    from nemo_btx.training.step import attach_megatron_hooks, build_optimizer, train_step
+    from nemo_btx.training.step import attach_megatron_hooks, build_optimizer, gather_params, train_step
 
     out, t, stage = Path(job.out_dir), cfg.train, job.stage
     ckpt_root = out / "checkpoints"
@@ -273,6 +273,7 @@ def run_training(cfg: ExperimentConfig, job: TrainJob, rt,
             stop = done < t.train_iters and preemption.stop_requested()
             if stop or done % stage.save_interval == 0 or done == t.train_iters:
                 so_far = time.perf_counter() - t0
+                gather_params(chunks)
                 ckpt.save_training_checkpoint(
                     ckpt_root, chunks, optimizer, scheduler, done, cfg.model,
                     extra={"tokens_seen": done * tokens_per_step,
@@ -308,6 +309,7 @@ def run_training(cfg: ExperimentConfig, job: TrainJob, rt,
                                                      "router_topk": cfg.model.moe.router_topk})
     elif not last_valid and valid:
         last_valid = evaluate(cfg, chunks, valid, rt.device, dp_rank, dp_size)
+    gather_params(chunks)
     ckpt.save_model_weights(chunks, out / WEIGHTS, cfg.model, extra={"stage": job.name})
     tokens_total = t.train_iters * tokens_per_step
     summary = {

@@ -84,6 +84,20 @@ def attach_megatron_hooks(chunks: List[torch.nn.Module], optimizer) -> None:
     config.grad_scale_func = optimizer.scale_loss
 
 
+def gather_params(chunks: List[torch.nn.Module]) -> None:
+    """Collective: make every rank's parameters the ones after the last optimizer step.
+
+    With parallel.overlap_param_gather the distributed optimizer's updated shards are
+    all-gathered bucket by bucket during the next forward pass, so between a step and that
+    forward each rank holds other ranks' shards as they were before the step. A checkpoint
+    taken then would save them; call this before saving (megatron-LM forces the same sync).
+    """
+    for chunk in chunks:
+        ddp = getattr(chunk, "ddp_config", None)
+        if ddp is not None and ddp.use_distributed_optimizer and ddp.overlap_param_gather:
+            chunk.start_param_sync(force_sync=True)
+
+
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     """Mean token loss of one micro-batch; the schedule averages over micro-batches."""
     losses = output_tensor.float()

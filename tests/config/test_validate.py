@@ -29,6 +29,8 @@ CASES = [
     (["train.global_batch_size=6"], 1, "train.global_batch_size=6", "micro_batch_size"),
     (["model.activation=relu"], 1, "model.activation='relu'", "swiglu, gelu"),
     (["parallel.cp=2", "model.seq_length=126"], 2, "parallel.cp=2", "seq_length=126"),
+    (["parallel.overlap_param_gather=true"], 1, "parallel.overlap_param_gather=True",
+     "parallel.distributed_optimizer=true"),
 ]
 
 

@@ -24,9 +24,13 @@ def losses(out):
     return [r["loss"] for r in recs], [r["valid"]["synthetic"] for r in recs if "valid" in r]
 
 
-def weights(out):
+def read_tensors(path):
     from nemo_btx.training.checkpoint import read_tensors
 
+    return read_tensors(path)
+
+
+def weights(out):
     return read_tensors(out / "weights")
 
 
@@ -172,13 +176,25 @@ def test_distributed_optimizer_resume_at_dp2(tmp_path):
     run(tmp_path, extra, nproc=2)
     again, _ = losses(tmp_path)
     assert again == first
-    # parallel.overlap_grad_reduce (buckets reduced during the backward): the same losses.
-    overlap = tmp_path / "overlap"
-    run(overlap, [*extra, "parallel.overlap_grad_reduce=true"], nproc=2)
-    assert losses(overlap)[0] == first
     resumed = weights(tmp_path)
     for key in final:
         assert torch.equal(final[key], resumed[key]), key
+    # Overlapped communication (gradient buckets reduced during the backward, updated parameter
+    # shards gathered during the next forward): the same losses, and the same tensors in a
+    # mid-run checkpoint (model and optimizer) and in the final weights, which are saved
+    # between a step and the forward that would have gathered them.
+    overlap = tmp_path / "overlap"
+    run(overlap, [*extra, "parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=true"],
+        nproc=2)
+    assert losses(overlap)[0] == first
+    step9 = "checkpoints/step-000009"
+    plain, overlapped = read_tensors(tmp_path / step9), read_tensors(overlap / step9)
+    assert plain.keys() == overlapped.keys()
+    for key in plain:
+        assert torch.equal(plain[key], overlapped[key]), key
+    got = weights(overlap)
+    for key in final:
+        assert torch.equal(final[key], got[key]), key
 
 
 @pytest.mark.slow
