@@ -81,6 +81,18 @@ class ModelConfig:
     """swiglu = gated SiLU as in Llama; gelu = plain GPT MLP."""
     position_embedding_type: str = choice("rope", "rope", "learned_absolute")
     rotary_base: int = 10000
+    rope_scaling: Optional[str] = choice(None, None, "llama3", "linear")
+    """RoPE frequency scaling: llama3 = Llama-3.1's (megatron-core's: low/high frequency factors
+    1 and 4 over an original context of 8192), linear = positions divided by
+    rope_scaling_factor (position interpolation); null = plain RoPE."""
+    rope_scaling_factor: float = 8.0
+    add_qkv_bias: bool = False
+    """Biases on the query/key/value projections only (Qwen2); no other linear has one."""
+    qk_layernorm: bool = False
+    """RMSNorm over each query and key head before RoPE (Qwen3)."""
+    family: str = choice("llama", "llama", "mistral", "qwen2", "qwen3")
+    """The Hugging Face model family this model is (import-hf records it; export-hf writes that
+    family's class: Llama/Mistral/Qwen2/Qwen3 dense, Mixtral or Qwen3-MoE for an MoE)."""
     untie_embeddings_and_output_weights: bool = True
     """Llama keeps the output layer separate from the input embedding."""
     init_method_std: float = 0.02
@@ -220,6 +232,10 @@ class TokenizerConfig:
     """End-of-document token appended after every document. null = <|endoftext|> for kind=bpe;
     for kind=hf the first of <|endoftext|>, </s>, <|end_of_text|>, <eos>, <|eot_id|> the
     tokenizer knows."""
+    add_bos: Optional[bool] = None
+    """Begin every document (and every evaluation request) with the tokenizer's BOS token.
+    null = as the tokenizer itself does: tokenizer_config.json's add_bos_token, else whether
+    its post-processor adds a BOS (Llama: yes; Qwen, GPT-2 style: no); kind=bpe: never."""
     sample_chars: Optional[int] = 4_000_000
     """kind=bpe: characters of each domain's training split the BPE is trained on (the first
     ones, in the domain's order; bounded memory); null = all of it (small corpora only)."""

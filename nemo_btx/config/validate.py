@@ -59,7 +59,8 @@ def check_choices(cfg) -> None:
     for key, value, meta in _walk(cfg):
         allowed = meta.get("choices")
         if allowed and value not in allowed:
-            raise ConfigError(key, value, f"must be one of {', '.join(allowed)}")
+            raise ConfigError(key, value, "must be one of "
+                              + ", ".join("null" if a is None else a for a in allowed))
 
 
 def _positive(key: str, value, minimum: int = 1, null: bool = False) -> None:

@@ -64,6 +64,8 @@ def transformer_config(cfg: ExperimentConfig, shapes_only: bool = False):
         gated_linear_unit=m.activation == "swiglu",
         activation_func=F.silu if m.activation == "swiglu" else F.gelu,
         add_bias_linear=False,
+        add_qkv_bias=m.add_qkv_bias,
+        qk_layernorm=m.qk_layernorm,
         init_method_std=m.init_method_std,
         attention_dropout=m.attention_dropout,
         hidden_dropout=m.hidden_dropout,
@@ -154,9 +156,11 @@ def layer_spec(cfg: ExperimentConfig, shapes_only: bool = False):
     name = spec_name(cfg, shapes_only)
     if name == "transformer_engine":
         return get_gpt_layer_with_transformer_engine_spec(
-            num_experts=moe.num_experts, moe_grouped_gemm=moe.grouped_gemm)
+            num_experts=moe.num_experts, moe_grouped_gemm=moe.grouped_gemm,
+            qk_layernorm=cfg.model.qk_layernorm)
     return get_gpt_layer_local_spec(
-        num_experts=moe.num_experts, moe_grouped_gemm=False, normalization=cfg.model.normalization)
+        num_experts=moe.num_experts, moe_grouped_gemm=False, qk_layernorm=cfg.model.qk_layernorm,
+        normalization=cfg.model.normalization)
 
 
 def build_model(cfg: ExperimentConfig, *, wrap_ddp: bool = True,
@@ -210,6 +214,7 @@ def _build(cfg: ExperimentConfig, *, wrap_ddp: bool, frozen, shapes_only: bool) 
             share_embeddings_and_output_weights=not cfg.model.untie_embeddings_and_output_weights,
             position_embedding_type=cfg.model.position_embedding_type,
             rotary_base=cfg.model.rotary_base,
+            **rope_scaling_kwargs(cfg.model),
             vp_stage=stage,
         )
         if model.post_process and padded_vocab_size(cfg.model, cfg.parallel.tp) > cfg.model.vocab_size:
@@ -252,6 +257,15 @@ def _exclude_padding_from_loss(model: torch.nn.Module, vocab_size: int) -> None:
         return loss(labels, logits)
 
     model.compute_language_model_loss = masked
+
+
+def rope_scaling_kwargs(m) -> dict:
+    """GPTModel's arguments for model.rope_scaling (megatron-core computes both kinds)."""
+    if m.rope_scaling == "llama3":
+        return dict(rope_scaling=True, rope_scaling_factor=m.rope_scaling_factor)
+    if m.rope_scaling == "linear":
+        return dict(seq_len_interpolation_factor=m.rope_scaling_factor)
+    return {}
 
 
 def overlap_grad_reduce(cfg: ExperimentConfig) -> bool:
