@@ -13,6 +13,11 @@ three lm-eval request types reduce to those two calls:
   lengths (rows still inside their prompt are fed their own prompt tokens, as megatron's
   static text-generation controller does), stopped at any `until` string or end-of-document.
 
+Every request is encoded as lm-eval's own `hf` backend encodes it for the same tokenizer, so a
+seed scores here what it scores there: the tokenizer's BOS in front of each context, rolling
+text and prompt when the tokenizer adds one (Llama), and the BOS (else end-of-document) as the
+lone context of an empty one and as the rolling windows' prefix.
+
 Requests are sorted by length and batched, and results returned in request order; batching
 changes only float rounding (tests check it against one-at-a-time scoring).
 """
@@ -62,9 +67,20 @@ class ScorerLM(LM):
         self.gen_cap = int(gen_cap) if gen_cap else None
         self.eod_id = tokenizer.eod_id
         self.eod_text = tokenizer.eod_token
+        #: lm-eval's `prefix_token_id`: what an empty context and the first rolling window
+        #: condition on
+        self.prefix_id = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eod_id
         self._warned_sampling = False
 
     # ------------------------------------------------------------------------ encoding
+
+    def _encode(self, text: str) -> List[int]:
+        """Ids of a request's text as lm-eval's `hf` backend gets them (`tok_encode`): BOS first
+        when the tokenizer adds one, but only one if the text already begins with it."""
+        bos = self.tok.bos_token
+        if bos is None:
+            return self.tok.encode(text)
+        return [self.tok.bos_id] + self.tok.encode(text[len(bos):] if text.startswith(bos) else text)
 
     def _encode_pair(self, context: str, continuation: str) -> Tuple[List[int], List[int]]:
         """Tokens of context and continuation as the whole string tokenizes (like lm-eval's HF
@@ -74,9 +90,11 @@ class ScorerLM(LM):
         if spaces:
             context, continuation = context[:-spaces], context[-spaces:] + continuation
         if not context:
-            return [self.eod_id], self.tok.encode(continuation)
-        whole = self.tok.encode(context + continuation)
-        ctx = self.tok.encode(context)
+            # lm-eval encodes the continuation without special tokens and conditions it on the
+            # prefix token alone (a context of spaces only ends up the same way)
+            return [self.prefix_id], self.tok.encode(continuation)
+        whole = self._encode(context + continuation)
+        ctx = self._encode(context)
         return ctx, whole[len(ctx):]
 
     # ------------------------------------------------------------------- loglikelihood
@@ -134,8 +152,10 @@ class ScorerLM(LM):
 
         windows, owner = [], []
         for k, req in enumerate(requests):
-            ids = self.tok.encode(req.args[0])
-            for w in get_rolling_token_windows(token_list=ids, prefix_token=self.eod_id,
+            # As lm-eval's hf backend does: with a BOS tokenizer the text's own BOS is scored too,
+            # conditioned on the BOS prefix (log p(BOS | BOS) is part of its published perplexities).
+            ids = self._encode(req.args[0])
+            for w in get_rolling_token_windows(token_list=ids, prefix_token=self.prefix_id,
                                                max_seq_len=self.max_length, context_len=1):
                 windows.append(make_disjoint_window(w))
                 owner.append(k)
@@ -155,7 +175,7 @@ class ScorerLM(LM):
         for i, req in enumerate(requests):
             context, kwargs = req.args
             until, max_new = self._gen_settings(dict(kwargs or {}))
-            settings.append((self.tok.encode(context), until, max_new))
+            settings.append((self._encode(context), until, max_new))
             groups.setdefault((tuple(until), max_new), []).append(i)
         out: List[Optional[str]] = [None] * len(requests)
         reporter, done = progress.Reporter("generations", len(requests)), 0
@@ -185,7 +205,7 @@ class ScorerLM(LM):
     def generate(self, prompts: List[List[int]], until: List[str], max_new: int) -> List[str]:
         """Greedy continuations of token prompts, each cut at its first stop string."""
         keep = max(self.max_length - max_new, self.max_length // 2, 1)
-        prompts = [(p or [self.eod_id])[-keep:] for p in prompts]
+        prompts = [(p or [self.prefix_id])[-keep:] for p in prompts]
         shortest = min(len(p) for p in prompts)
         longest = max(len(p) for p in prompts)
         dec = self.scorer.decoder(pad_right([p[:shortest] for p in prompts], self.eod_id),
@@ -248,10 +268,16 @@ class NemoBtxLM(ScorerLM):
 
 
 def load_run_tokenizer(checkpoint, run_dir: Optional[str]):
-    from nemo_btx.data.tokenizer import load_tokenizer
+    """The run's tokenizer; for a checkpoint outside any run (an imported seed), the Hugging Face
+    tokenizer import-hf copied beside it, with its own BOS/EOS conventions."""
+    from nemo_btx.config.schema import TokenizerConfig
+    from nemo_btx.data.tokenizer import load_hf, load_tokenizer, seed_tokenizer
     from nemo_btx.run_dir import find_run_dir
 
     root = Path(run_dir) if run_dir else find_run_dir(Path(checkpoint))
-    if root is None:
+    if root is not None:
+        return load_tokenizer(root)
+    own = seed_tokenizer(Path(checkpoint))
+    if own is None:
         raise BtxError(f"{checkpoint}: no run directory with a tokenizer above it; pass run_dir=")
-    return load_tokenizer(root)
+    return load_hf(TokenizerConfig(kind="hf", path=str(own)))

@@ -1,5 +1,6 @@
 """The tokenizer round-trips any text, trains deterministically and must fit the model."""
 
+import json
 import subprocess
 import sys
 
@@ -90,3 +91,103 @@ def test_hf_tokenizer_is_loaded_and_copied(tmp_path, corpus):
     with pytest.raises(ConfigError) as err:
         T.make_tokenizer(cfg, [])
     assert err.value.key == "data.tokenizer.eod_token"
+
+
+# ------------------------------------------------------------------ BOS and EOS as the seed had them
+
+def _hf(path, **fields):
+    from nemo_btx.config.schema import TokenizerConfig
+
+    return T.load_hf(TokenizerConfig(kind="hf", path=str(path), **fields))
+
+
+def test_bpe_has_no_bos(built_run):
+    """The tiny default: documents are text + <|endoftext|>, as before BOS was a convention."""
+    cfg, run_dir, _ = built_run
+    tok = T.load_tokenizer(run_dir)
+    assert tok.bos_id is None and T.tokenizer_meta(run_dir)["bos_token"] is None
+    assert tok.encode_documents(SAMPLES) == [tok.encode(t) + [tok.eod_id] for t in SAMPLES]
+    cfg = small_config(run_dir, "data.tokenizer.add_bos=true")
+    with pytest.raises(ConfigError) as err:
+        T.make_tokenizer(cfg, [])
+    assert err.value.key == "data.tokenizer.add_bos"
+
+
+def test_llama3_style_documents_are_what_transformers_encodes(tmp_path):
+    """BOS from the post-processor, EOS from tokenizer_config.json: a document is the ids
+    transformers gives its text (BOS included) followed by the EOS."""
+    from transformers import AutoTokenizer
+
+    from hf_tokenizers import LLAMA3_BOS, LLAMA3_EOS, write_llama3_tokenizer
+
+    hf_dir = write_llama3_tokenizer(tmp_path / "hf")
+    tok = _hf(hf_dir)
+    assert (tok.bos_token, tok.eod_token) == (LLAMA3_BOS, LLAMA3_EOS)
+    assert tok.bos_source == "tokenizer.json post-processor"
+    theirs = AutoTokenizer.from_pretrained(str(hf_dir))
+    plain = [t for t in SAMPLES if "<|" not in t]  # transformers matches special tokens in text
+    docs = tok.encode_documents(plain)
+    for text, ids in zip(plain, docs):
+        assert ids[0] == theirs.bos_token_id and ids[-1] == theirs.eos_token_id
+        assert ids[:-1] == theirs(text).input_ids
+    literal = tok.encode_documents([f"a {LLAMA3_BOS} in a document is text"])[0]
+    assert literal.count(tok.bos_id) == 1
+
+    T.save_tokenizer(tok, tmp_path / "run")
+    meta = T.tokenizer_meta(tmp_path / "run")
+    assert (meta["bos_token"], meta["bos_id"], meta["bos_source"]) == (LLAMA3_BOS, tok.bos_id, tok.bos_source)
+    back = T.load_tokenizer(tmp_path / "run")
+    assert (back.bos_id, back.eod_id, back.sha256) == (tok.bos_id, tok.eod_id, tok.sha256)
+    assert back.encode_documents(plain) == docs
+
+    # a meta.json from before BOS was recorded: its datasets were built without one
+    for key in ("bos_token", "bos_id", "bos_source"):
+        del meta[key]
+    (tmp_path / "run" / "tokenizer" / "meta.json").write_text(json.dumps(meta))
+    assert T.load_tokenizer(tmp_path / "run").bos_id is None
+
+
+def test_add_bos_overrides_the_tokenizer(tmp_path):
+    from hf_tokenizers import LLAMA3_BOS, QWEN_EOS, write_llama3_tokenizer, write_qwen_tokenizer
+
+    llama, qwen = write_llama3_tokenizer(tmp_path / "llama"), write_qwen_tokenizer(tmp_path / "qwen")
+    with_bos, without = _hf(llama), _hf(llama, add_bos=False)
+    assert without.bos_id is None and without.bos_source == "data.tokenizer.add_bos"
+    assert without.encode_documents(["x y"]) == [with_bos.encode_documents(["x y"])[0][1:]]
+    assert without.sha256 != with_bos.sha256  # datasets built with the other convention are stale
+
+    plain = _hf(qwen)  # no BOS anywhere; its EOS is named, ahead of the <|endoftext|> candidate
+    assert plain.bos_id is None and plain.eod_token == QWEN_EOS
+    assert plain.encode_documents(["x y"]) == [plain.encode("x y") + [plain.eod_id]]
+    with pytest.raises(ConfigError) as err:
+        _hf(qwen, add_bos=True)
+    assert err.value.key == "data.tokenizer.add_bos"
+
+    # tokenizer_config.json's add_bos_token decides before the post-processor does
+    off = _hf(write_llama3_tokenizer(tmp_path / "off", add_bos_token=False))
+    assert off.bos_id is None and off.bos_source == "tokenizer_config.json add_bos_token"
+    on = _hf(write_qwen_tokenizer(tmp_path / "on", add_bos_token=True, bos_token="<|im_start|>"))
+    assert on.bos_token == "<|im_start|>" and on.encode_documents(["x"])[0][0] == on.bos_id
+    assert _hf(llama, add_bos=True).bos_token == LLAMA3_BOS
+
+
+def test_data_stage_stores_the_bos(tmp_path):
+    """The built datasets hold BOS + text + EOS per document, and the tokenizer they record."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from hf_tokenizers import write_llama3_tokenizer
+    from nemo_btx.data.indexed import dataset_prefix
+    from nemo_btx.stages import data
+
+    hf_dir = write_llama3_tokenizer(tmp_path / "hf")
+    run_dir = tmp_path / "run"
+    cfg = small_config(run_dir, "data.tokenizer.kind=hf", f"data.tokenizer.path={hf_dir}",
+                       "data.domains=[{name: math}]")
+    manifest = data.run(cfg)
+    tok = T.load_tokenizer(run_dir)
+    assert manifest["tokenizer"]["sha256"] == tok.sha256 == _hf(hf_dir).sha256
+    ds = IndexedDataset(dataset_prefix(run_dir, "math", "train"))
+    assert len(ds) > 3
+    for i in range(len(ds)):
+        ids = ds[i].tolist()
+        assert ids[0] == tok.bos_id and ids[-1] == tok.eod_id and tok.bos_id not in ids[1:]
