@@ -386,13 +386,14 @@ class MixConfig:
     blended: bool = False
     """The paper's blended-experts ablation: each of the N experts is made of one 1/N chunk of
     every source FFN, so no expert keeps a domain identity (see nemo_btx/mixing/experts.py)."""
-    format: str = choice("megatron", "megatron", "mixtral")
-    """megatron: a megatron-core MoE checkpoint. mixtral: a Hugging Face MixtralForCausalLM
-    directory at mix.out (required), merged straight from Hugging Face Llama experts
-    (mix.experts; the seed too if mix.include_seed), same merge rules. Hugging Face experts
-    select mixtral automatically (nemo_btx/hf/merge.py)."""
+    format: str = choice("megatron", "megatron", "hf", "mixtral")
+    """megatron: a megatron-core MoE checkpoint. hf: a Hugging Face MoE directory at mix.out
+    (required) of the experts' family (MixtralForCausalLM for Llama/Mistral experts,
+    Qwen3MoeForCausalLM for Qwen3), merged straight from Hugging Face experts (mix.experts; the
+    seed too if mix.include_seed), same merge rules; mixtral is its older name. Hugging Face
+    experts select hf automatically (nemo_btx/hf/merge.py)."""
     threads: Optional[int] = None
-    """mix.format=mixtral: worker threads of the merge (they read, average and write different
+    """mix.format=hf: worker threads of the merge (they read, average and write different
     pieces of the output at once); null = the CPUs this process may use, at most 8."""
 
 
@@ -639,7 +640,7 @@ class HFConfig:
     """dtype of the written tensors (export-hf, and the Hugging Face merge); auto = as stored
     in the input (the merge: the first expert)."""
     max_shard_size: str = "5GB"
-    """export-hf and the Hugging Face merge (mix.format=mixtral): largest safetensors shard, in
+    """export-hf and the Hugging Face merge (mix.format=hf): largest safetensors shard, in
     bytes or with a unit (KB, MB, GB; powers of 1000)."""
 
 

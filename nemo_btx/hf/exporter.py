@@ -1,4 +1,5 @@
-"""A megatron-core checkpoint -> a Hugging Face directory (Llama for dense, Mixtral for MoE).
+"""A megatron-core checkpoint -> a Hugging Face directory (its family's class; for an MoE, Mixtral
+or Qwen3-MoE, see `config.py`).
 
 No model is built and no process group is needed: the checkpoint's index says where every
 stored chunk is, and each Hugging Face tensor is cut from one megatron-core per-layer tensor
@@ -26,10 +27,10 @@ import torch
 
 from nemo_btx.errors import BtxError, CheckpointError
 from nemo_btx.hf import layout
-from nemo_btx.hf.config import check_exportable, llama_config, mixtral_config
+from nemo_btx.hf.config import check_exportable, hf_model_config
 from nemo_btx.artifacts import staged_dir
 from nemo_btx.hf.files import TOKENIZER_FILES, numel, plan_shards, write_model_configs, write_shards
-from nemo_btx.hf.routing import check_mixtral_routing
+from nemo_btx.hf.routing import check_routing
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ def export_checkpoint(path: Path, out: Path, *, dtype: str = "auto", max_shard_b
     src = _Source(path, marker)
     moe = model.moe.num_experts is not None
     if moe:
-        check_mixtral_routing(marker["model"].get("moe") or {}, src.tensors, where)
+        check_routing(marker["model"].get("moe") or {}, src.tensors, where)
     pieces = layout.pieces(model, norms=layout.resolve(src.tensors))
     _check_pieces(src, pieces, model, where)
     stored = src.tensors[layout.EMBED][1]
@@ -165,8 +166,7 @@ def export_checkpoint(path: Path, out: Path, *, dtype: str = "auto", max_shard_b
         index = write_shards(tmp, shards, produce, on_shard=lambda i, n: log.info(
             "export-hf: shard %d/%d written", i, n))
         tokens = tokenizer_files(tokenizer_dir, tmp, model)
-        make = mixtral_config if moe else llama_config
-        config = make(model, dtype=_NAMES[target], tokens=tokens)
+        config = hf_model_config(model, dtype=_NAMES[target], tokens=tokens)
         write_model_configs(tmp, config, tokens)
     arch = config["architectures"][0]
     log.info("export-hf: %s -> %s (%s, %d tensors in %d shards, %.1f MB, %s)", path, out, arch,

@@ -1,4 +1,5 @@
-"""A Hugging Face Llama directory -> a megatron-core dense checkpoint (+ its tokenizer).
+"""A Hugging Face Llama/Mistral/Qwen2/Qwen3 directory -> a megatron-core dense checkpoint (+ its
+tokenizer).
 
 The target tensors are not described by hand: the dense GPTModel of the imported config is
 built on the meta device (shapes only) exactly as training will build it, and its
@@ -31,7 +32,7 @@ import torch
 from nemo_btx.config.schema import ExperimentConfig, ModelConfig
 from nemo_btx.errors import BtxError, CheckpointError
 from nemo_btx.hf import layout
-from nemo_btx.hf.config import model_config_from_llama, read_config
+from nemo_btx.hf.config import model_config_from_hf, read_config
 from nemo_btx.hf.exporter import DTYPES
 from nemo_btx.hf.files import TOKENIZER_FILES, HFReader
 from nemo_btx.run_dir import MANIFEST, checkpoint_tokenizer
@@ -41,7 +42,8 @@ log = logging.getLogger(__name__)
 #: Fields that say what the imported model is (the overrides later stages need).
 _MODEL_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                  "num_query_groups", "kv_channels", "vocab_size", "max_position_embeddings",
-                 "norm_epsilon", "rotary_base", "init_method_std")
+                 "norm_epsilon", "rotary_base", "rope_scaling", "rope_scaling_factor", "add_qkv_bias",
+                 "qk_layernorm", "family", "init_method_std")
 
 
 def overrides_for(model: ModelConfig, base: ModelConfig) -> List[str]:
@@ -83,8 +85,8 @@ def _fill(shards, pieces, get, model: ModelConfig, padded_vocab: int, target: to
         key = layout.ALIASES.get(sh.key, (sh.key,))[0]
         lead = tuple(sh.global_offset[:n])
         if (key, lead) not in parts:
-            raise CheckpointError(f"megatron-core tensor {sh.key!r} {list(lead)} has no Llama "
-                                  "counterpart (an unexpected layer spec)")
+            raise CheckpointError(f"megatron-core tensor {sh.key!r} {list(lead)} has no Hugging "
+                                  "Face counterpart (an unexpected layer spec)")
         if last[0] != (key, lead):
             last = (None, None)
             full = layout.join({part: get(name) for part, name in parts[(key, lead)].items()},
@@ -100,9 +102,26 @@ def _fill(shards, pieces, get, model: ModelConfig, padded_vocab: int, target: to
     return state
 
 
-def import_llama(hf_dir: Path, out: Path, base: ModelConfig, *, dtype: str = "auto",
-                 name: Optional[str] = None) -> ModelConfig:
-    """Convert the Llama model in `hf_dir` into a weights checkpoint at `out`; return its
+def check_tokenizer(hf_dir: Path, model: ModelConfig) -> None:
+    """The tokenizer beside the weights must not produce an id the embedding has no row for
+    (fewer ids than rows is normal: Qwen pads its embedding)."""
+    path = hf_dir / "tokenizer.json"
+    if not path.is_file():
+        return
+    from tokenizers import Tokenizer
+
+    try:
+        ids = Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True)
+    except Exception as err:  # the Rust library raises a bare Exception on a malformed file
+        raise CheckpointError(f"{path}: not a Hugging Face tokenizer.json ({err})") from None
+    if ids > model.vocab_size:
+        raise CheckpointError(f"{path}: produces ids up to {ids - 1} but config.json vocab_size="
+                              f"{model.vocab_size}: not this checkpoint's tokenizer")
+
+
+def import_hf(hf_dir: Path, out: Path, base: ModelConfig, *, dtype: str = "auto",
+              name: Optional[str] = None) -> ModelConfig:
+    """Convert the Hugging Face model in `hf_dir` into a weights checkpoint at `out`; return its
     ModelConfig. `base` supplies what config.json does not say (seq_length, vocabulary
     padding); the imported model is written into the checkpoint's marker."""
     from megatron.core import dist_checkpointing
@@ -115,12 +134,13 @@ def import_llama(hf_dir: Path, out: Path, base: ModelConfig, *, dtype: str = "au
 
     hf_dir, out = Path(hf_dir), Path(out)
     hf = read_config(hf_dir)
-    model = model_config_from_llama(hf, base, where=str(hf_dir / "config.json"),
+    model = model_config_from_hf(hf, base, where=str(hf_dir / "config.json"),
                                     name=name or hf_dir.resolve().name)
     reader = HFReader(hf_dir)
     tied = bool(hf.get("tie_word_embeddings", False))
     pieces = layout.pieces(model)
     layout.check_tensors(reader, pieces, tied, hf_dir)
+    check_tokenizer(hf_dir, model)
     stored = reader.dtype("model.embed_tokens.weight")
     target = DTYPES[dtype] if dtype != "auto" else stored
 
@@ -163,6 +183,6 @@ def import_llama(hf_dir: Path, out: Path, base: ModelConfig, *, dtype: str = "au
     finally:
         if own:
             shutdown()
-    log.info("import-hf: %s -> %s (%d layers, hidden %d, %s)", hf_dir, out, model.num_layers,
-             model.hidden_size, str(target).replace("torch.", ""))
+    log.info("import-hf: %s -> %s (%s, %d layers, hidden %d, %s)", hf_dir, out, model.family,
+             model.num_layers, model.hidden_size, str(target).replace("torch.", ""))
     return model

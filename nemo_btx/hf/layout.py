@@ -5,7 +5,7 @@ where it lives in the megatron-core checkpoint: a global key, the leading indice
 stacked axes (layer, and expert for MoE weights) and which part of that per-layer tensor it is:
 
     all     the whole tensor (norms, o_proj = linear_proj, down_proj = linear_fc2, router)
-    q k v   megatron's fused linear_qkv, laid out per query group g as
+    q k v   megatron's fused linear_qkv (weight, and Qwen2's bias), laid out per query group g as
             [q heads of group g; k_g; v_g] (num_groups x (heads/groups + 2) x head_dim rows);
             HF q/k/v_proj rows are head-major, and query head i belongs to kv head
             i // (heads/groups) in both, so this is a pure reshuffle of rows
@@ -39,6 +39,9 @@ EMBED = "embedding.word_embeddings.weight"
 OUTPUT = "output_layer.weight"
 FINAL_NORM = "decoder.final_layernorm.weight"
 QKV = "decoder.layers.self_attention.linear_qkv.weight"
+QKV_BIAS = "decoder.layers.self_attention.linear_qkv.bias"
+Q_NORM = "decoder.layers.self_attention.q_layernorm.weight"
+K_NORM = "decoder.layers.self_attention.k_layernorm.weight"
 PROJ = "decoder.layers.self_attention.linear_proj.weight"
 FC1 = "decoder.layers.mlp.linear_fc1.weight"
 FC2 = "decoder.layers.mlp.linear_fc2.weight"
@@ -76,11 +79,23 @@ def _dims(m: ModelConfig) -> Tuple[int, int, int, int]:
     return heads, groups, head_dim, m.hidden_size
 
 
+#: An MoE layer's Hugging Face names, by model_type: (router, expert prefix, gate, up, down).
+MOE_NAMES = {"mixtral": ("block_sparse_moe.gate.weight", "block_sparse_moe.experts.", "w1", "w3", "w2"),
+             "qwen3_moe": ("mlp.gate.weight", "mlp.experts.", "gate_proj", "up_proj", "down_proj")}
+
+
+def moe_names(m: ModelConfig) -> Tuple[str, str, str, str, str]:
+    from nemo_btx.hf.config import MOE_CLASS
+
+    return MOE_NAMES[MOE_CLASS[m.family][1]]
+
+
 def pieces(m: ModelConfig, *, norms: Tuple[str, str] = (ATTN_NORM[0], MLP_NORM[0])) -> List[Piece]:
     """Every Hugging Face tensor of the model, in writing order (pieces of one megatron
     tensor are adjacent, so an exporter that caches the last tensor it read reads each once).
 
-    Dense models map to LlamaForCausalLM names, MoE models to MixtralForCausalLM names.
+    Dense models map to their family's names (Llama's, plus Qwen2's q/k/v biases and Qwen3's
+    q/k norms); MoE models to Mixtral's or Qwen3-MoE's (`MOE_NAMES`).
     `norms` are the checkpoint's names of the pre-attention and pre-MLP norms.
     """
     heads, groups, hd, h = _dims(m)
@@ -91,20 +106,28 @@ def pieces(m: ModelConfig, *, norms: Tuple[str, str] = (ATTN_NORM[0], MLP_NORM[0
         out += [Piece(p + "input_layernorm.weight", (h,), norms[0], lead, "all"),
                 Piece(p + "self_attn.q_proj.weight", (heads * hd, h), QKV, lead, "q"),
                 Piece(p + "self_attn.k_proj.weight", (groups * hd, h), QKV, lead, "k"),
-                Piece(p + "self_attn.v_proj.weight", (groups * hd, h), QKV, lead, "v"),
-                Piece(p + "self_attn.o_proj.weight", (h, heads * hd), PROJ, lead, "all"),
+                Piece(p + "self_attn.v_proj.weight", (groups * hd, h), QKV, lead, "v")]
+        if m.add_qkv_bias:
+            out += [Piece(p + "self_attn.q_proj.bias", (heads * hd,), QKV_BIAS, lead, "q"),
+                    Piece(p + "self_attn.k_proj.bias", (groups * hd,), QKV_BIAS, lead, "k"),
+                    Piece(p + "self_attn.v_proj.bias", (groups * hd,), QKV_BIAS, lead, "v")]
+        if m.qk_layernorm:
+            out += [Piece(p + "self_attn.q_norm.weight", (hd,), Q_NORM, lead, "all"),
+                    Piece(p + "self_attn.k_norm.weight", (hd,), K_NORM, lead, "all")]
+        out += [Piece(p + "self_attn.o_proj.weight", (h, heads * hd), PROJ, lead, "all"),
                 Piece(p + "post_attention_layernorm.weight", (h,), norms[1], lead, "all")]
         if m.moe.num_experts is None:
             out += [Piece(p + "mlp.gate_proj.weight", (f, h), FC1, lead, "gate"),
                     Piece(p + "mlp.up_proj.weight", (f, h), FC1, lead, "up"),
                     Piece(p + "mlp.down_proj.weight", (h, f), FC2, lead, "all")]
             continue
-        out.append(Piece(p + "block_sparse_moe.gate.weight", (m.moe.num_experts, h), ROUTER, lead, "all"))
+        router, experts, gate, up, down = moe_names(m)
+        out.append(Piece(p + router, (m.moe.num_experts, h), ROUTER, lead, "all"))
         for e in range(m.moe.num_experts):
-            q = f"{p}block_sparse_moe.experts.{e}."
-            out += [Piece(q + "w1.weight", (f, h), EXPERT_FC1, (i, e), "gate"),
-                    Piece(q + "w3.weight", (f, h), EXPERT_FC1, (i, e), "up"),
-                    Piece(q + "w2.weight", (h, f), EXPERT_FC2, (i, e), "all")]
+            q = f"{p}{experts}{e}."
+            out += [Piece(f"{q}{gate}.weight", (f, h), EXPERT_FC1, (i, e), "gate"),
+                    Piece(f"{q}{up}.weight", (f, h), EXPERT_FC1, (i, e), "up"),
+                    Piece(f"{q}{down}.weight", (h, f), EXPERT_FC2, (i, e), "all")]
     out.append(Piece("model.norm.weight", (h,), FINAL_NORM, (), "all"))
     if m.untie_embeddings_and_output_weights:
         out.append(Piece("lm_head.weight", (v, h), OUTPUT, (), "vocab"))
@@ -130,7 +153,7 @@ def check_tensors(reader, pieces: List[Piece], tied: bool, where) -> None:
     for name in sorted(names - known):
         if not name.endswith(_IGNORED_SUFFIXES):
             raise CheckpointError(f"{where}: tensor {name!r} has no megatron-core counterpart "
-                                  "(not a plain Llama checkpoint)")
+                                  "(not a plain checkpoint of its family)")
 
 
 def resolve(keys: Iterable[str]) -> Tuple[str, str]:
@@ -154,12 +177,12 @@ def split(piece: Piece, full: "torch.Tensor", m: ModelConfig) -> "torch.Tensor":
     if piece.part in ("gate", "up"):
         f = full.shape[0] // 2
         return full[:f] if piece.part == "gate" else full[f:]
-    heads, groups, hd, h = _dims(m)
-    per_group = heads // groups
-    grouped = full.view(groups, per_group + 2, hd, h)
+    heads, groups, hd, _ = _dims(m)
+    per_group, rest = heads // groups, tuple(full.shape[1:])  # rest: (hidden,) or () for a bias
+    grouped = full.view(groups, per_group + 2, hd, *rest)
     if piece.part == "q":
-        return grouped[:, :per_group].reshape(heads * hd, h)
-    return grouped[:, per_group if piece.part == "k" else per_group + 1].reshape(groups * hd, h)
+        return grouped[:, :per_group].reshape(heads * hd, *rest)
+    return grouped[:, per_group if piece.part == "k" else per_group + 1].reshape(groups * hd, *rest)
 
 
 def join(parts: Dict[str, "torch.Tensor"], m: ModelConfig, padded_vocab: int) -> "torch.Tensor":
@@ -176,9 +199,10 @@ def join(parts: Dict[str, "torch.Tensor"], m: ModelConfig, padded_vocab: int) ->
     if kinds == {"gate", "up"}:
         return torch.cat([parts["gate"], parts["up"]])
     if kinds == {"q", "k", "v"}:
-        heads, groups, hd, h = _dims(m)
-        q = parts["q"].view(groups, heads // groups, hd, h)
-        k = parts["k"].view(groups, 1, hd, h)
-        v = parts["v"].view(groups, 1, hd, h)
-        return torch.cat([q, k, v], dim=1).reshape(-1, h)
+        heads, groups, hd, _ = _dims(m)
+        rest = tuple(parts["q"].shape[1:])  # (hidden,) for the weight, () for the bias
+        q = parts["q"].view(groups, heads // groups, hd, *rest)
+        k = parts["k"].view(groups, 1, hd, *rest)
+        v = parts["v"].view(groups, 1, hd, *rest)
+        return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
     raise AssertionError(f"no rule joins parts {sorted(kinds)}")

@@ -1,16 +1,19 @@
-"""Hugging Face Llama experts -> one MixtralForCausalLM directory, without torch.
+"""Hugging Face experts (Llama, Mistral, Qwen3) -> one Hugging Face MoE directory (Mixtral,
+Qwen3-MoE), without torch.
 
 The merge recipe of the megatron-core mix (`nemo_btx/mixing/recipe.py`: sources, expert table,
 weights, top-k, router, input checks), applied to Hugging Face directories directly, for
-experts trained elsewhere. This module only maps Mixtral's tensor names onto the recipe's roles:
+experts trained elsewhere. This module only maps the MoE's tensor names (`layout.pieces`: Mixtral's
+or Qwen3-MoE's, whichever class the experts' family exports to) onto the recipe's roles:
 
 * FFN: layer l of expert e (the whole FFN of source s = the recipe's expert table):
-  `mlp.gate_proj` -> `block_sparse_moe.experts.e.w1`, `up_proj` -> `w3`, `down_proj` -> `w2`,
-  copied exactly;
-* SHARED: every other tensor (embeddings, attention, norms, lm_head) is the recipe's weighted
+  `mlp.gate_proj` -> Mixtral's `block_sparse_moe.experts.e.w1` (Qwen3-MoE's
+  `mlp.experts.e.gate_proj`), `up_proj` -> `w3`, `down_proj` -> `w2`, copied exactly;
+* SHARED: every other tensor (embeddings, attention with Qwen's biases or q/k norms, norms,
+  lm_head) is the recipe's weighted
   mean (`Recipe.averaged`), accumulated in float32 in source order (x0*w0 + x1*w1 + ..., the
   megatron mixer's arithmetic) and rounded back to the stored dtype;
-* ROUTER: `block_sparse_moe.gate.weight` [experts, hidden] per layer, `Recipe.router_weight`
+* ROUTER: `block_sparse_moe.gate.weight` (`mlp.gate.weight`) [experts, hidden] per layer, `Recipe.router_weight`
   (random: N(0, init std) per (train.seed, layer), as the megatron mix draws it; or zeros).
   `data`, split and blended experts are megatron-only and refused.
 
@@ -59,23 +62,24 @@ from nemo_btx.artifacts import staged_dir
 from nemo_btx.config.schema import ExperimentConfig, ModelConfig
 from nemo_btx.errors import CheckpointError, ConfigError
 from nemo_btx.hf import layout
-from nemo_btx.hf.config import LLAMA, mixtral_config, model_config_from_llama, read_config
+from nemo_btx.hf.config import check_exportable, family_of, hf_model_config, model_config_from_hf, read_config
 from nemo_btx.hf.files import (FLOATS, INDEX, ITEMSIZE, TOKENIZER_FILES, Entry, HFDir,
                                header_blob, numel, plan_shards, read_exactly, write_model_configs)
 from nemo_btx.mixing import recipe as recipes
 
 log = logging.getLogger(__name__)
 
-#: Mixtral expert tensor -> the Llama MLP tensor it is copied from.
-_EXPERT = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+#: (megatron expert tensor, part) -> the dense MLP tensor an expert's tensor is copied from.
+_EXPERT = {(layout.EXPERT_FC1, "gate"): "gate_proj", (layout.EXPERT_FC1, "up"): "up_proj",
+           (layout.EXPERT_FC2, "all"): "down_proj"}
 #: Elements per piece of work: 1 MiB of float32, so a thread's buffers stay in its core's cache.
 _CHUNK = 1 << 18
 #: dtype code -> (integer view of the bits, exponent mask): all exponent bits set = Inf or NaN.
 _EXPONENT = {"BF16": (np.uint16, 0x7F80), "F16": (np.uint16, 0x7C00), "F32": (np.uint32, 0x7F800000)}
 
 
-def is_hf_llama(path) -> bool:
-    """A directory holding a config.json of a Llama-architecture model."""
+def is_hf_model(path) -> bool:
+    """A directory holding a config.json of a family the merge reads (Llama, Mistral, Qwen2/3)."""
     config = Path(path) / "config.json"
     if not config.is_file():
         return False
@@ -83,14 +87,14 @@ def is_hf_llama(path) -> bool:
         hf = json.loads(config.read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return hf.get("model_type") == "llama" or LLAMA in (hf.get("architectures") or [])
+    return isinstance(hf, dict) and family_of(hf) is not None
 
 
 def wants_hf_merge(cfg: ExperimentConfig) -> bool:
-    """mix.format=mixtral, or mix.experts are Hugging Face Llama directories."""
-    if cfg.mix.format == "mixtral":
+    """mix.format=hf (or its older name mixtral), or mix.experts are Hugging Face directories."""
+    if cfg.mix.format in ("hf", "mixtral"):
         return True
-    return bool(cfg.mix.experts) and any(is_hf_llama(p) for p in cfg.mix.experts)
+    return bool(cfg.mix.experts) and any(is_hf_model(p) for p in cfg.mix.experts)
 
 
 # --- float arithmetic on raw bytes (the same results as torch's) ---------------------------
@@ -158,8 +162,8 @@ def _open(path: Path, base: ModelConfig, key: str) -> _Source:
     if not Path(path).is_dir():
         raise ConfigError(key, str(path), "not a directory")
     hf = read_config(path)
-    model = model_config_from_llama(hf, base, where=str(Path(path) / "config.json"),
-                                    name=Path(path).name)
+    model = model_config_from_hf(hf, base, where=str(Path(path) / "config.json"),
+                                 name=Path(path).name)
     files = HFDir(path)
     tied = bool(hf.get("tie_word_embeddings", False))
     layout.check_tensors(files, layout.pieces(model), tied, Path(path))
@@ -320,16 +324,16 @@ def default_threads() -> int:
     return max(1, min(8, cpus))
 
 
-def merge_llamas(experts: Sequence, out, *, base: Optional[ModelConfig] = None, seed_dir=None,
+def merge_hf(experts: Sequence, out, *, base: Optional[ModelConfig] = None, seed_dir=None,
                  weights: Optional[Sequence[float]] = None, router_init: str = "random",
                  seed: int = 1234, topk: Optional[int] = None, aux_loss_coeff: Optional[float] = None,
                  max_shard_bytes: int = 5 * 10**9, threads: Optional[int] = None,
                  dtype: str = "auto", key: str = "mix.experts") -> dict:
-    """Write the Mixtral made of `experts` (+ `seed_dir`, the last expert) at `out`; return a
+    """Write the Hugging Face MoE made of `experts` (+ `seed_dir`, the last expert) at `out`; return a
     summary. `weights` (one per source, normalised by the recipe) weight the averaged tensors.
     `dtype`: of the written tensors (float32 | bfloat16 | float16), auto = the first expert's."""
     base = base or ModelConfig()
-    _check_mixtral_settings(router_init=router_init)
+    _check_hf_settings(router_init=router_init)
     sources = [recipes.Source(f"expert{i}", recipes.resolve(p), recipes.EXPERT)
                for i, p in enumerate(experts)]
     if seed_dir is not None:
@@ -337,25 +341,25 @@ def merge_llamas(experts: Sequence, out, *, base: Optional[ModelConfig] = None, 
     recipe = recipes.build_mix(sources, out=out, average_weights=weights, router_init=router_init,
                                router_seed=seed, key=key,
                                router_topk=base.moe.router_topk if topk is None else topk)
-    return write_mixtral(recipe, base=base, aux_loss_coeff=aux_loss_coeff,
+    return write_hf_moe(recipe, base=base, aux_loss_coeff=aux_loss_coeff,
                          max_shard_bytes=max_shard_bytes, threads=threads, dtype=dtype)
 
 
-def _check_mixtral_settings(*, router_init: str, split_experts: int = 1, blended: bool = False) -> None:
-    """What the recipe allows but a Mixtral cannot hold (or this writer cannot compute)."""
+def _check_hf_settings(*, router_init: str, split_experts: int = 1, blended: bool = False) -> None:
+    """What the recipe allows but a Hugging Face MoE cannot hold (or this writer cannot compute)."""
     if split_experts != 1:
-        raise ConfigError("mix.split_experts", split_experts, "split experts have no Mixtral "
-                          "form here; writing Mixtral needs mix.split_experts=1")
+        raise ConfigError("mix.split_experts", split_experts, "split experts have no Hugging "
+                          "Face MoE form here; mix.format=hf needs mix.split_experts=1")
     if blended:
-        raise ConfigError("mix.blended", True, "blended experts are megatron-only; writing "
-                          "Mixtral needs mix.blended=false")
+        raise ConfigError("mix.blended", True, "blended experts are megatron-only; "
+                          "mix.format=hf needs mix.blended=false")
     if router_init not in ("random", "zeros"):
-        raise ConfigError("mix.router_init", router_init, "writing Mixtral from Hugging Face "
-                          "experts supports random or zeros (data needs the megatron mix)")
+        raise ConfigError("mix.router_init", router_init, "mix.format=hf (from Hugging Face "
+                          "experts) supports random or zeros (data needs the megatron mix)")
 
 
 def _role(piece: layout.Piece) -> str:
-    """The recipe role of a Mixtral tensor."""
+    """The recipe role of an MoE tensor."""
     if piece.key in (layout.EXPERT_FC1, layout.EXPERT_FC2):
         return recipes.FFN
     if piece.key == layout.ROUTER:
@@ -363,17 +367,17 @@ def _role(piece: layout.Piece) -> str:
     return recipes.SHARED
 
 
-def write_mixtral(recipe: recipes.Recipe, *, base: ModelConfig, aux_loss_coeff: Optional[float] = None,
+def write_hf_moe(recipe: recipes.Recipe, *, base: ModelConfig, aux_loss_coeff: Optional[float] = None,
                   max_shard_bytes: int = 5 * 10**9, threads: Optional[int] = None,
                   dtype: str = "auto") -> dict:
-    """Write the Mixtral `recipe` describes at `recipe.out` (the sources are Hugging Face Llama
-    directories); return a summary. `base`: the config's model (MoE settings, init std)."""
+    """Write the Hugging Face MoE `recipe` describes at `recipe.out` (the sources are Hugging
+    Face directories of one family); return a summary. `base`: the config's model (MoE settings, init std)."""
     out = recipe.out
     if out.exists() or out.is_symlink():
         raise ConfigError("mix.out", str(out), "already exists; remove it or choose another "
                           "mix.out (nothing was written)")
     recipes.check_out(out, recipe.sources)
-    _check_mixtral_settings(router_init=recipe.router_init)
+    _check_hf_settings(router_init=recipe.router_init)
     expert_source = recipe.whole_ffn_sources()
     assert expert_source is not None, "split/blended experts are refused before"
     threads = default_threads() if threads is None else threads
@@ -385,8 +389,9 @@ def write_mixtral(recipe: recipes.Recipe, *, base: ModelConfig, aux_loss_coeff: 
     first = sources[0]
     recipes.check_architecture((str(first.path), dataclasses.asdict(first.model)),
                                [(str(src.path), dataclasses.asdict(src.model)) for src in sources[1:]])
-    dense = dataclasses.replace(first.model, name="mixtral")
+    dense = dataclasses.replace(first.model, name="btx")
     moe = recipe.moe_model(dense)
+    check_exportable(moe, str(first.path / "config.json"))  # a family without an exact MoE class
     if aux_loss_coeff is not None:
         moe = dataclasses.replace(moe, moe=dataclasses.replace(moe.moe, aux_loss_coeff=aux_loss_coeff))
     if dtype == "auto":
@@ -407,10 +412,10 @@ def write_mixtral(recipe: recipes.Recipe, *, base: ModelConfig, aux_loss_coeff: 
         [] for the router."""
         piece = by_name[name]
         role = _role(piece)
-        if role == recipes.FFN:  # model.layers.L.block_sparse_moe.experts.E.wK.weight
+        if role == recipes.FFN:  # expert E of layer L: that source's dense MLP tensor
             layer, expert = piece.lead
-            llama = f"model.layers.{layer}.mlp.{_EXPERT[name.split('.')[6]]}.weight"
-            return [(sources[expert_source[expert]], llama, None)]
+            dense_name = f"model.layers.{layer}.mlp.{_EXPERT[piece.key, piece.part]}.weight"
+            return [(sources[expert_source[expert]], dense_name, None)]
         if role == recipes.ROUTER:
             return []
         return [(src, src.name_of(name), w) for src, w in averaged]
@@ -451,8 +456,9 @@ def write_mixtral(recipe: recipes.Recipe, *, base: ModelConfig, aux_loss_coeff: 
             for f in TOKENIZER_FILES:
                 if (first.path / f).is_file():
                     shutil.copyfile(first.path / f, tmp / f)
-            write_model_configs(tmp, mixtral_config(moe, dtype=dtype_name, tokens=tokens), tokens)
-            summary = {"stage": recipe.kind, "format": "mixtral",
+            config = hf_model_config(moe, dtype=dtype_name, tokens=tokens)
+            write_model_configs(tmp, config, tokens)
+            summary = {"stage": recipe.kind, "format": "hf", "architecture": config["architectures"][0],
                        "sources": [str(s.path) for s in recipe.sources],
                        "weights": list(recipe.weights), "router_init": recipe.router_init,
                        "router_seed": recipe.router_seed, "num_experts": recipe.num_experts,
@@ -464,8 +470,8 @@ def write_mixtral(recipe: recipes.Recipe, *, base: ModelConfig, aux_loss_coeff: 
     finally:
         for fd in [*fds.values(), *out_fds]:
             os.close(fd)
-    log.info("mix: %d Hugging Face experts -> %s (MixtralForCausalLM, %d experts top-%d, "
-             "%.1f MB, %s) in %.2f s", len(sources), out, recipe.num_experts, recipe.router_topk,
+    log.info("mix: %d Hugging Face experts -> %s (%s, %d experts top-%d, %.1f MB, %s) in %.2f s",
+             len(sources), out, summary["architecture"], recipe.num_experts, recipe.router_topk,
              summary["bytes"] / 1e6, dtype_name, time.perf_counter() - started)
     return summary
 
@@ -495,26 +501,26 @@ def _pieces_of(piece: layout.Piece, fd: int, offset: int, reads_from, fds,
 
 def merge_from_config(cfg: ExperimentConfig) -> dict:
     """`nemo-btx mix` with Hugging Face experts / mix.format=mixtral: the config's recipe
-    (`recipe.mix_recipe`), written as a Mixtral."""
+    (`recipe.mix_recipe`), written as the experts' family's MoE class."""
     mix = cfg.mix
-    _check_mixtral_settings(router_init=mix.router_init, split_experts=mix.split_experts,
+    _check_hf_settings(router_init=mix.router_init, split_experts=mix.split_experts,
                             blended=mix.blended)
     if not mix.experts:
-        raise ConfigError("mix.experts", mix.experts, "mix.format=mixtral needs the Hugging Face "
-                          "Llama expert directories in mix.experts")
+        raise ConfigError("mix.experts", mix.experts, "mix.format=hf needs the Hugging Face "
+                          "expert directories in mix.experts")
     for p in mix.experts:
-        if not is_hf_llama(p):
-            raise ConfigError("mix.experts", str(p), "not a Hugging Face Llama directory "
-                              "(config.json with model_type llama); mix.format=mixtral reads "
-                              "only those (import-hf megatron checkpoints go through "
+        if not is_hf_model(p):
+            raise ConfigError("mix.experts", str(p), "not a Hugging Face Llama, Mistral, Qwen2 or "
+                              "Qwen3 directory (config.json with that model_type); mix.format=hf "
+                              "reads only those (import-hf megatron checkpoints go through "
                               "mix.format=megatron and export-hf)")
     if mix.out is None:
-        raise ConfigError("mix.out", None, "writing Mixtral needs an output directory: set mix.out")
+        raise ConfigError("mix.out", None, "mix.format=hf needs an output directory: set mix.out")
     recipe = recipes.mix_recipe(cfg)
     seed = [s for s in recipe.sources if s.role == recipes.SEED]
-    if seed and not is_hf_llama(seed[0].path):
+    if seed and not is_hf_model(seed[0].path):
         raise ConfigError("mix.include_seed", True, f"the seed {seed[0].path} is not a Hugging "
-                          "Face Llama directory: set mix.seed_checkpoint to one, or "
+                          "Face directory of the experts' family: set mix.seed_checkpoint to one, or "
                           "mix.include_seed=false")
     from nemo_btx.config.sizes import parse_size
 
@@ -522,5 +528,5 @@ def merge_from_config(cfg: ExperimentConfig) -> dict:
         max_bytes = parse_size(cfg.hf.max_shard_size)
     except ValueError as err:
         raise ConfigError("hf.max_shard_size", cfg.hf.max_shard_size, str(err)) from None
-    return write_mixtral(recipe, base=cfg.model, threads=mix.threads, max_shard_bytes=max_bytes,
+    return write_hf_moe(recipe, base=cfg.model, threads=mix.threads, max_shard_bytes=max_bytes,
                          dtype=cfg.hf.dtype)

@@ -1,6 +1,7 @@
-"""Which megatron-core router settings MixtralForCausalLM computes exactly.
+"""Which megatron-core router settings MixtralForCausalLM (and Qwen3MoeForCausalLM) computes exactly.
 
-Mixtral's router: softmax over all expert logits, keep the top k, renormalise the k weights
+Mixtral's router (and Qwen3-MoE's with norm_topk_prob, which export-hf writes): softmax over
+all expert logits, keep the top k, renormalise the k weights
 to sum 1. megatron-core's default TopKRouter (score function softmax, `moe_router_pre_softmax`
 off): take the top-k logits, softmax over those k. Both give softmax(l_i) / sum_{j in top-k}
 softmax(l_j) = exp(l_i) / sum_{j in top-k} exp(l_j) for the same k experts (the top k of the
@@ -54,11 +55,11 @@ def _get(moe: dict, *names):
 
 def _refuse(where: str, key: str, value, what: str) -> None:
     raise UnsupportedModelError(
-        f"{where}: {key}={value!r}: {what} is not what MixtralForCausalLM computes; export-hf "
-        "writes only routers that Mixtral reproduces exactly (see nemo_btx/hf/routing.py)")
+        f"{where}: {key}={value!r}: {what} is not what MixtralForCausalLM or Qwen3MoeForCausalLM "
+        "computes; export-hf writes only routers they reproduce exactly (see nemo_btx/hf/routing.py)")
 
 
-def check_mixtral_routing(moe: dict, keys: Iterable[str], where: str) -> None:
+def check_routing(moe: dict, keys: Iterable[str], where: str) -> None:
     """Raise UnsupportedModelError naming the first setting Mixtral would not reproduce.
 
     `moe` is the checkpoint marker's model.moe entry (our names, or megatron-core's `moe_*`

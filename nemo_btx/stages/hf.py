@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 def import_hf(cfg: ExperimentConfig) -> Path:
     """Convert the Llama model at hf.path into a megatron-core checkpoint (the seed-to-be)."""
     from nemo_btx.artifacts import read_json
-    from nemo_btx.hf.importer import import_llama
+    from nemo_btx.hf.importer import import_hf
     from nemo_btx.training.checkpoint import is_complete
 
     if not cfg.hf.path:
@@ -41,7 +41,7 @@ def import_hf(cfg: ExperimentConfig) -> Path:
                           "choose another hf.out or remove it")
     if out.exists():
         raise ConfigError("hf.out", str(out), "exists and is not a complete import; remove it")
-    model = import_llama(src, out, cfg.model, dtype=cfg.hf.dtype)
+    model = import_hf(src, out, cfg.model, dtype=cfg.hf.dtype)
     # Every later stage builds this model: it needs the overrides (or a conf/model preset).
     manifest = read_json(out / MANIFEST)
     common = " ".join([f"run.dir={cfg.run.dir}", *manifest["overrides"]])

@@ -185,18 +185,18 @@ LLAMA_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "h
 @pytest.mark.parametrize("key", ["hidden_size", "num_hidden_layers", "vocab_size"])
 def test_hf_config_without_a_required_key_names_file_and_key(tmp_path, key):
     from nemo_btx.config.schema import ModelConfig
-    from nemo_btx.hf.config import model_config_from_llama, read_config
+    from nemo_btx.hf.config import model_config_from_hf, read_config
 
     (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in LLAMA_CONFIG.items() if k != key}))
     where = str(tmp_path / "config.json")
     with pytest.raises(BtxError) as err:
-        model_config_from_llama(read_config(tmp_path), ModelConfig(), where=where, name="x")
+        model_config_from_hf(read_config(tmp_path), ModelConfig(), where=where, name="x")
     msg = str(err.value)
     assert msg.startswith(f"{where}: missing key '{key}'") and "\n" not in msg
     # A present but unusable value is named too, and so is a config.json that is not an object.
     (tmp_path / "config.json").write_text(json.dumps({**LLAMA_CONFIG, key: "many"}))
     with pytest.raises(BtxError, match=rf"config\.json: {key}='many': must be a positive integer"):
-        model_config_from_llama(read_config(tmp_path), ModelConfig(), where=where, name="x")
+        model_config_from_hf(read_config(tmp_path), ModelConfig(), where=where, name="x")
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(BtxError, match="not a Hugging Face config"):
         read_config(tmp_path)
@@ -212,7 +212,7 @@ def test_import_hf_cli_missing_key_is_one_line(monkeypatch, capsys, tmp_path):
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("nemo-btx:")]
     assert code == 1 and "Traceback" not in err
-    assert lines == [f"nemo-btx: error: {src / 'config.json'}: missing key 'hidden_size' (a Llama "
+    assert lines == [f"nemo-btx: error: {src / 'config.json'}: missing key 'hidden_size' (a decoder's "
                      "config.json needs num_hidden_layers, hidden_size, intermediate_size, "
                      "num_attention_heads, vocab_size)"]
     assert not out.exists() and not (tmp_path / "rd").exists()

@@ -16,9 +16,10 @@ LLAMA = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_la
 
 
 def perturb_norms(named_parameters, scale: float = 0.1) -> None:
+    """Norm weights (and biases, which transformers initialises to zero) moved off their init."""
     with torch.no_grad():
         for name, p in named_parameters:
-            if "norm" in name:
+            if "norm" in name or name.endswith(".bias"):
                 p.add_(torch.randn_like(p) * scale)
 
 
@@ -44,6 +45,38 @@ def make_llama(directory: Path, *, seed: int = 0, max_shard_size="40KB", tokeniz
     model.save_pretrained(str(directory), max_shard_size=max_shard_size)
     if tokenizer:
         write_tokenizer(Path(directory), model.config.vocab_size)
+    return Path(directory)
+
+
+#: Per family: the transformers config class and the settings that make it that family. Llama-3
+#: has llama3 RoPE scaling (theta 5e5, head_dim 16: the low-frequency half is scaled), Mistral
+#: a window longer than any sequence, Qwen2 tied embeddings (and q/k/v biases, built in), Qwen3
+#: an explicit head_dim != hidden/heads (and q/k norms, built in).
+FAMILIES = {
+    "llama3": ("LlamaConfig", dict(rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        max_position_embeddings=16384, hidden_size=32, intermediate_size=48)),
+    "llama-linear": ("LlamaConfig", dict(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0,
+                                                           "factor": 2.0})),
+    "mistral": ("MistralConfig", dict(sliding_window=4096, rope_theta=1e6)),
+    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True, rope_theta=1e6)),
+    "qwen3": ("Qwen3Config", dict(head_dim=32, rope_theta=1e6)),
+}
+
+
+def make_family(directory: Path, family: str, *, seed: int = 0, tokenizer=True, **overrides) -> Path:
+    """save_pretrained of a random model of one of `FAMILIES`."""
+    import transformers
+
+    config_class, settings = FAMILIES[family]
+    config = getattr(transformers, config_class)(**{**LLAMA, **settings, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    perturb_norms(model.named_parameters())
+    model.save_pretrained(str(directory), max_shard_size="60KB")
+    if tokenizer:
+        write_tokenizer(Path(directory), config.vocab_size)
     return Path(directory)
 
 

@@ -105,9 +105,9 @@ def test_pieces_and_threads_do_not_change_the_result(experts, tmp_path, monkeypa
     per tensor."""
     from nemo_btx.hf import merge
 
-    whole = merge.merge_llamas(experts, tmp_path / "one", threads=1, weights=[3, 1, 1])
+    whole = merge.merge_hf(experts, tmp_path / "one", threads=1, weights=[3, 1, 1])
     monkeypatch.setattr(merge, "_CHUNK", 700)
-    cut = merge.merge_llamas(experts, tmp_path / "many", threads=3, weights=[3, 1, 1])
+    cut = merge.merge_hf(experts, tmp_path / "many", threads=3, weights=[3, 1, 1])
     assert (whole["threads"], cut["threads"]) == (1, 3)
     a, b = safetensors_of(tmp_path / "one"), safetensors_of(tmp_path / "many")
     assert sorted(a) == sorted(b) and all(bitwise_equal(a[n], b[n]) for n in a)

@@ -105,21 +105,21 @@ def test_export_refuses_router_settings(run, tmp_path, moe, setting):
     with pytest.raises(UnsupportedModelError) as err:
         _export(f"hf.path={src}", f"hf.out={tmp_path / 'hf'}")
     message = str(err.value)
-    assert f"{src}: {setting}: " in message and "not what MixtralForCausalLM computes" in message
+    assert f"{src}: {setting}: " in message and "not what MixtralForCausalLM or Qwen3MoeForCausalLM computes" in message
     assert "\n" not in message
     assert not (tmp_path / "hf").exists() and not (tmp_path / ".hf.tmp").exists()
 
 
 def test_router_tensors_mixtral_lacks_are_refused():
     from nemo_btx.hf.config import UnsupportedModelError
-    from nemo_btx.hf.routing import check_mixtral_routing
+    from nemo_btx.hf.routing import check_routing
 
     moe = {"num_experts": 4, "router_topk": 2}
-    check_mixtral_routing(moe, ["decoder.layers.mlp.router.weight"], "ckpt")
+    check_routing(moe, ["decoder.layers.mlp.router.weight"], "ckpt")
     for key, what in [("decoder.layers.mlp.router.expert_bias", "an expert bias"),
                       ("decoder.layers.mlp.shared_experts.linear_fc1.weight", "a shared expert")]:
         with pytest.raises(UnsupportedModelError, match=f"ckpt: tensor {key}='present': {what}"):
-            check_mixtral_routing(moe, ["decoder.layers.mlp.router.weight", key], "ckpt")
+            check_routing(moe, ["decoder.layers.mlp.router.weight", key], "ckpt")
 
 
 @pytest.mark.slow
