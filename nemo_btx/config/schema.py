@@ -11,6 +11,7 @@ This module imports nothing heavy (no torch, no megatron), so configs load on a 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -50,7 +51,15 @@ class MoEConfig:
 #: of them to load, and every source of a mix must share them.
 SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                 "num_query_groups", "kv_channels", "vocab_size", "activation", "normalization",
-                "untie_embeddings_and_output_weights")
+                "untie_embeddings_and_output_weights", "add_qkv_bias", "qk_layernorm")
+
+
+def recorded(saved: dict, name: str):
+    """ModelConfig field `name` as a saved model config (a marker's) records it; a field the
+    saving version did not have yet holds its default."""
+    if name in saved:
+        return saved[name]
+    return next(f.default for f in dataclasses.fields(ModelConfig) if f.name == name)
 
 
 @dataclass(kw_only=True)

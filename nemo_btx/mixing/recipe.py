@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from nemo_btx.config.schema import SHAPE_FIELDS, ExperimentConfig, ModelConfig, expert_domains
+from nemo_btx.config.schema import SHAPE_FIELDS, ExperimentConfig, ModelConfig, expert_domains, recorded
 from nemo_btx.errors import CheckpointError, ConfigError
 from nemo_btx.mixing import experts as tables
 from nemo_btx.run_dir import WEIGHTS, RunDir
@@ -202,7 +202,7 @@ def check_architecture(reference: Tuple[str, Mapping], models: Iterable[Tuple[st
         if model is None:
             continue
         for name in ARCHITECTURE_FIELDS:
-            got, want = model.get(name), ref.get(name)
+            got, want = recorded(model, name), recorded(ref, name)
             if got != want:
                 raise CheckpointError(f"{where}: model.{name}={got!r}, but {ref_where} has "
                                       f"{want!r}; all sources must have the same architecture")

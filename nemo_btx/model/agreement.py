@@ -21,7 +21,8 @@ from nemo_btx.errors import ConfigError
 from nemo_btx.run_dir import CHECKPOINT_MARKER, WEIGHTS, RunDir
 
 #: Besides the shapes: fields that change what the weights compute.
-BEHAVIOUR_FIELDS = ("rotary_base", "position_embedding_type", "norm_epsilon")
+BEHAVIOUR_FIELDS = ("rotary_base", "rope_scaling", "rope_scaling_factor", "position_embedding_type",
+                    "norm_epsilon")
 
 
 def seed_marker(path: Path) -> dict:

@@ -2,7 +2,8 @@
 
 What a rank holds depends only on its pipeline stage: tensor- and expert-parallel ranks of one
 stage hold equal shares (the vocabulary is padded so that it splits evenly). The counts follow
-the modules megatron-core builds for our Llama-style model (no biases, RMSNorm or LayerNorm,
+the modules megatron-core builds for our Llama-style model (no biases but Qwen2's q/k/v ones, Qwen3's q/k
+norms, RMSNorm or LayerNorm,
 SwiGLU or GELU, RoPE or learned positions); tests/planner/test_params.py builds the real models
 on the meta device at several layouts and compares every rank's count exactly.
 """
@@ -44,12 +45,14 @@ def norm_params(m: ModelConfig) -> int:
 
 
 def attention_params(m: ModelConfig, tp: int) -> int:
-    """linear_qkv (query heads, then key and value per query group) + linear_proj, TP-split."""
+    """linear_qkv (query heads, then key and value per query group; Qwen2's biases) +
+    linear_proj, TP-split; Qwen3's q/k norms (one weight per head dimension each) replicated."""
     d = kv_channels(m)
     groups = m.num_query_groups or m.num_attention_heads
-    qkv = (m.num_attention_heads + 2 * groups) * d * m.hidden_size
+    qkv = (m.num_attention_heads + 2 * groups) * d * (m.hidden_size + (1 if m.add_qkv_bias else 0))
     proj = m.num_attention_heads * d * m.hidden_size
-    return (qkv + proj) // tp
+    qk_norms = 2 * d if m.qk_layernorm else 0
+    return (qkv + proj) // tp + qk_norms
 
 
 def ffn_params(m: ModelConfig, tp: int) -> int:

@@ -33,7 +33,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from nemo_btx.artifacts import read_json, software_versions, write_json_atomic
-from nemo_btx.config.schema import SHAPE_FIELDS
+from nemo_btx.config.schema import SHAPE_FIELDS, recorded
 from nemo_btx.errors import CheckpointError
 from nemo_btx.model.build import unwrap
 from nemo_btx.run_dir import CHECKPOINT_MARKER, RunDir
@@ -214,8 +214,8 @@ def check_compatible(path: Path, marker: dict, model_cfg) -> None:
         return
     want = dataclasses.asdict(model_cfg)
     for name in SHAPE_FIELDS:
-        if saved.get(name) != want.get(name):
-            raise CheckpointError(f"{path}: model.{name} is {saved.get(name)!r} in the checkpoint "
+        if recorded(saved, name) != want.get(name):
+            raise CheckpointError(f"{path}: model.{name} is {recorded(saved, name)!r} in the checkpoint "
                                   f"but {want.get(name)!r} in this config")
     a, b = saved.get("moe", {}).get("num_experts"), want["moe"]["num_experts"]
     if a != b:

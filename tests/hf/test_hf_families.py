@@ -195,3 +195,60 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path):
                                               r"vocab_size=300"):
         _import(src, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def _hf_mix(experts, out, *overrides):
+    from nemo_btx.stages.mix import run
+
+    run(load_config(["mix.experts=[" + ",".join(str(p) for p in experts) + "]", f"mix.out={out}",
+                     "mix.include_seed=false", *overrides]))
+    return out
+
+
+def test_hf_merge_of_identical_experts_gives_the_dense_logits(family, tmp_path):
+    """`nemo-btx mix` of three copies of one Hugging Face model (no torch in the merge): the
+    family's MoE class computes the dense model's logits; Qwen2 has none and is refused."""
+    import shutil
+
+    from nemo_btx.hf.config import UnsupportedModelError
+
+    name, hf_dir, _ = family
+    copies = [shutil.copytree(hf_dir, tmp_path / f"copy{i}") for i in range(3)]
+    if name == "qwen2":
+        with pytest.raises(UnsupportedModelError, match="shared expert"):
+            _hf_mix(copies, tmp_path / "moe")
+        assert not (tmp_path / "moe").exists()
+        return
+    out = _hf_mix(copies, tmp_path / "moe")
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == [MOE_FAMILIES.get(name, MOE_FAMILIES["llama3"])[1]]
+    tokens = torch.randint(0, LLAMA["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(0))
+    assert_logits_close(hf_logits(out, tokens), hf_logits(hf_dir, tokens))
+
+
+@pytest.mark.slow
+def test_hf_merge_equals_import_mix_export_for_qwen3(tmp_path):
+    """Qwen3 experts merged straight to Qwen3-MoE equal, bit for bit, import-hf -> megatron mix
+    -> export-hf (q/k norms averaged like every shared tensor, the random router drawn alike)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, clean_env
+    from nemo_btx.stages.hf import export_hf
+
+    experts = [make_family(tmp_path / f"e{i}", "qwen3", seed=i) for i in range(2)]
+    imported = [_import(e, tmp_path / f"imp{i}") for i, e in enumerate(experts)]
+    manifest = json.loads((imported[0] / "manifest.json").read_text())
+    mixed = tmp_path / "mixed"
+    proc = subprocess.run(
+        [sys.executable, "-m", "nemo_btx.cli", "mix", f"run.dir={tmp_path / 'run'}",
+         "mix.experts=[" + ",".join(str(p) for p in imported) + "]", "mix.include_seed=false",
+         "mix.average_weights=[1,3]", f"mix.out={mixed}", *manifest["overrides"]],
+        cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exported = export_hf(load_config([f"hf.path={mixed}", f"hf.out={tmp_path / 'exported'}"]))
+    direct = _hf_mix(experts, tmp_path / "direct", "mix.average_weights=[1,3]")
+    a, b = safetensors_of(direct), safetensors_of(exported)
+    assert sorted(a) == sorted(b) and any(".q_norm." in n for n in a)
+    assert [n for n in a if not bitwise_equal(a[n], b[n])] == []
+    assert json.loads((direct / "config.json").read_text())["architectures"] == ["Qwen3MoeForCausalLM"]

@@ -29,6 +29,9 @@ LAYOUTS = [
     (MOE, ["parallel.ep=4", "parallel.tp=2", "parallel.etp=1"]),
     (MOE, ["parallel.ep=2", "parallel.tp=2"]),  # etp = tp
     (MOE, ["parallel.ep=2", "parallel.pp=2", "parallel.tp=2", "parallel.etp=1"]),
+    # Qwen2 (q/k/v biases, GQA) and Qwen3 (q/k norms, head_dim != hidden/heads, an MoE).
+    (["model.num_query_groups=2", "model.add_qkv_bias=true"], ["parallel.tp=2"]),
+    ([*MOE, "model.qk_layernorm=true", "model.kv_channels=16"], ["parallel.ep=2", "parallel.tp=2"]),
 ]
 
 
@@ -82,6 +85,25 @@ def test_rank_params_equal_megatron_core(model, layout, monkeypatch):
 def test_total_params_of_llama2_7b():
     cfg = load_config(["model=llama2_7b"])
     assert total_params(cfg.model) == 6_738_415_616  # Llama-2-7b-hf's published count
+
+
+def test_total_params_equal_transformers_for_qwen2_and_qwen3():
+    """The whole-model count of an imported family equals transformers' own model's (untied)."""
+    import transformers
+
+    from nemo_btx.hf.config import model_config_from_hf
+
+    for config in (transformers.Qwen2Config(vocab_size=1000, hidden_size=64, intermediate_size=96,
+                                            num_hidden_layers=2, num_attention_heads=8,
+                                            num_key_value_heads=2, tie_word_embeddings=False),
+                   transformers.Qwen3Config(vocab_size=1000, hidden_size=64, intermediate_size=96,
+                                            num_hidden_layers=2, num_attention_heads=8, head_dim=16,
+                                            num_key_value_heads=2, tie_word_embeddings=False)):
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(config)
+        theirs = sum(p.numel() for p in model.parameters())
+        ours = model_config_from_hf(config.to_dict(), load_config([]).model, where="x", name="x")
+        assert total_params(ours) == theirs, config.model_type
 
 
 def test_shapes_only_model_never_touches_cuda(monkeypatch):
