@@ -171,15 +171,23 @@ def hf_tokenizer_file(path: Optional[str], seed: Optional[str] = None) -> Path:
     return p
 
 
-def hf_tokenizer_config(path: Path) -> dict:
-    """The tokenizer_config.json beside a tokenizer.json ({} when there is none)."""
+def hf_tokenizer_config(path: Path) -> Tuple[dict, str]:
+    """(settings, the file they come from) beside a tokenizer.json: its tokenizer_config.json;
+    for a run's saved tokenizer (a seed trained in another run), the conventions its meta.json
+    recorded, so that the seed's data and ours agree (a meta.json without them: no BOS);
+    ({}, "") when there is neither."""
     cfg_file = Path(path).with_name(HF_CONFIG_FILE)
-    if not cfg_file.is_file():
-        return {}
-    try:
-        return json.loads(cfg_file.read_text(encoding="utf-8"))
-    except ValueError as err:
-        raise ConfigError("data.tokenizer.path", str(path), f"{cfg_file} is not JSON: {err}") from None
+    if cfg_file.is_file():
+        try:
+            return json.loads(cfg_file.read_text(encoding="utf-8")), HF_CONFIG_FILE
+        except ValueError as err:
+            raise ConfigError("data.tokenizer.path", str(path), f"{cfg_file} is not JSON: {err}") from None
+    meta_file = Path(path).with_name(META_FILE)
+    if meta_file.is_file():
+        meta = read_json(meta_file)
+        return {"add_bos_token": meta.get("bos_token") is not None, "bos_token": meta.get("bos_token"),
+                "eos_token": meta.get("eod_token")}, META_FILE
+    return {}, ""
 
 
 def _token_text(value) -> Optional[str]:
@@ -197,12 +205,13 @@ def template_bos(backend) -> Optional[str]:
     return None
 
 
-def hf_bos(backend, config: dict, add_bos: Optional[bool]) -> Tuple[Optional[str], str]:
+def hf_bos(backend, config: dict, add_bos: Optional[bool], where: str = HF_CONFIG_FILE
+           ) -> Tuple[Optional[str], str]:
     """(BOS token or None, what decided it) for a Hugging Face tokenizer.
 
-    The order: data.tokenizer.add_bos, else tokenizer_config.json's add_bos_token (the tokenizer
-    classes of Llama-2, Mistral and Gemma honour it), else what the post-processor does (Llama-3
-    declares its BOS only there).
+    The order: data.tokenizer.add_bos, else `config`'s add_bos_token (tokenizer_config.json: the
+    tokenizer classes of Llama-2, Mistral and Gemma honour it; `where` names the file), else what
+    the post-processor does (Llama-3 declares its BOS only there).
     """
     named = _token_text(config.get("bos_token"))
     named = named if named and backend.token_to_id(named) is not None else None
@@ -213,17 +222,17 @@ def hf_bos(backend, config: dict, add_bos: Optional[bool]) -> Tuple[Optional[str
         if named or template:
             return named or template, "data.tokenizer.add_bos"
         raise ConfigError("data.tokenizer.add_bos", add_bos, "the tokenizer has no BOS token "
-                          f"({HF_CONFIG_FILE} names none and its post-processor adds none)")
+                          "(none named beside it and its post-processor adds none)")
     if "add_bos_token" in config:
         if not config["add_bos_token"]:
             if template:
                 log.warning("%s: add_bos_token=false although the post-processor adds %s; following "
-                            "%s (set data.tokenizer.add_bos to choose)", HF_CONFIG_FILE, template, HF_CONFIG_FILE)
-            return None, f"{HF_CONFIG_FILE} add_bos_token"
+                        "%s (set data.tokenizer.add_bos to choose)", where, template, where)
+            return None, f"{where} add_bos_token"
         if not (named or template):
-            raise ConfigError("data.tokenizer.add_bos", add_bos, f"{HF_CONFIG_FILE} sets add_bos_token but "
+            raise ConfigError("data.tokenizer.add_bos", add_bos, f"{where} sets add_bos_token but "
                               "names no BOS token the vocabulary has; set data.tokenizer.add_bos=false")
-        return named or template, f"{HF_CONFIG_FILE} add_bos_token"
+        return named or template, f"{where} add_bos_token"
     if template:
         return template, "tokenizer.json post-processor"
     return None, "tokenizer.json post-processor"
@@ -238,8 +247,8 @@ def load_hf(tcfg: TokenizerConfig, seed: Optional[str] = None) -> Tokenizer:
         backend = Backend.from_file(str(path))
     except Exception as err:  # the Rust library raises a bare Exception on a malformed file
         raise ConfigError("data.tokenizer.path", tcfg.path, f"not a Hugging Face tokenizer.json: {err}") from None
-    config = hf_tokenizer_config(path)
-    bos, source = hf_bos(backend, config, tcfg.add_bos)
+    config, where = hf_tokenizer_config(path)
+    bos, source = hf_bos(backend, config, tcfg.add_bos, where)
     eos = _token_text(config.get("eos_token"))
     if tcfg.eod_token is not None:
         if backend.token_to_id(tcfg.eod_token) is None:

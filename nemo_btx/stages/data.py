@@ -20,6 +20,7 @@ pieces are kept.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -44,13 +45,13 @@ def tokenizer_fingerprint(cfg: ExperimentConfig, plans: List[DomainPlan]) -> dic
     """What decides the tokenizer: the file (hf), or the BPE settings and its training sample."""
     t = cfg.data.tokenizer
     if t.kind == "hf":
-        from nemo_btx.data.tokenizer import HF_CONFIG_FILE, hf_tokenizer_file
+        from nemo_btx.data.tokenizer import hf_tokenizer_config, hf_tokenizer_file
 
         path = hf_tokenizer_file(t.path, cfg.seed.checkpoint)
-        # tokenizer_config.json beside it names the BOS and EOS the documents are stored with
-        beside = path.with_name(HF_CONFIG_FILE)
+        # the settings beside it name the BOS and EOS the documents are stored with
+        beside = json.dumps(hf_tokenizer_config(path), sort_keys=True).encode()
         return {"kind": "hf", "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-                "config_sha256": hashlib.sha256(beside.read_bytes()).hexdigest() if beside.is_file() else None,
+                "config_sha256": hashlib.sha256(beside).hexdigest(),
                 "eod_token": t.eod_token, "add_bos": t.add_bos}
     sample = []
     for plan in plans:

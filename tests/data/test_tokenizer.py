@@ -171,6 +171,28 @@ def test_add_bos_overrides_the_tokenizer(tmp_path):
     assert _hf(llama, add_bos=True).bos_token == LLAMA3_BOS
 
 
+def test_a_seed_run_tokenizer_keeps_its_recorded_bos(tmp_path):
+    """A seed trained in another run left tokenizer.json + meta.json, no tokenizer_config.json:
+    a run on that tokenizer takes the conventions meta.json recorded, not the post-processor's."""
+    from hf_tokenizers import write_llama3_tokenizer, write_qwen_tokenizer
+
+    qwen = write_qwen_tokenizer(tmp_path / "qwen", bos_token="<|im_start|>")
+    assert _hf(qwen).bos_id is None  # named, but added neither by its config nor by its post-processor
+    forced = _hf(qwen, add_bos=True, eod_token="<|endoftext|>")
+    T.save_tokenizer(forced, tmp_path / "a")
+    again = _hf(tmp_path / "a" / "tokenizer")
+    assert (again.bos_id, again.eod_id, again.sha256) == (forced.bos_id, forced.eod_id, forced.sha256)
+    assert again.bos_source == "meta.json add_bos_token"
+
+    T.save_tokenizer(_hf(write_llama3_tokenizer(tmp_path / "llama")), tmp_path / "b")
+    meta_file = tmp_path / "b" / "tokenizer" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    assert _hf(meta_file.parent).bos_id == meta["bos_id"] is not None
+    del meta["bos_token"]  # recorded before BOS was: that seed was trained without one
+    meta_file.write_text(json.dumps(meta))
+    assert _hf(meta_file.parent).bos_id is None
+
+
 def test_data_stage_stores_the_bos(tmp_path):
     """The built datasets hold BOS + text + EOS per document, and the tokenizer they record."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
