@@ -30,6 +30,7 @@ from nemo_btx.hf import layout
 from nemo_btx.hf.config import check_exportable, hf_model_config
 from nemo_btx.artifacts import staged_dir
 from nemo_btx.hf.files import TOKENIZER_FILES, numel, plan_shards, write_model_configs, write_shards
+from nemo_btx.data.tokenizer import template_bos
 from nemo_btx.hf.routing import check_routing
 
 log = logging.getLogger(__name__)
@@ -114,10 +115,25 @@ def tokenizer_files(tokenizer_dir: Optional[Path], out: Path, model) -> dict:
     else:  # our run's tokenizer: tokenizer.json + meta.json (data stage)
         meta_file = tokenizer_dir / "meta.json"
         meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        # The conventions the run recorded: its end-of-document is the EOS, and its BOS (if any)
+        # is prepended by transformers as it was by the data stage and our evaluation.
         tcfg = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": meta.get("eod_token"),
+                "bos_token": meta.get("bos_token"), "add_bos_token": meta.get("bos_token") is not None,
                 "model_max_length": model.max_position_embeddings or model.seq_length,
                 "clean_up_tokenization_spaces": False}
         (out / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2) + "\n")
+        bos = meta.get("bos_token")
+        if bos is not None and template_bos(backend) != bos:
+            # transformers (5.x) ignores add_bos_token for a plain tokenizer.json: the BOS goes in
+            # through the post-processor, as Llama-3 ships it.
+            from tokenizers import processors
+
+            template = processors.TemplateProcessing(
+                single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1",
+                special_tokens=[(bos, backend.token_to_id(bos))])
+            backend.post_processor = template if backend.post_processor is None else \
+                processors.Sequence([backend.post_processor, template])
+            (out / "tokenizer.json").write_text(backend.to_str(), encoding="utf-8")
 
     def token_id(value):
         text = value.get("content") if isinstance(value, dict) else value

@@ -252,3 +252,30 @@ def test_hf_merge_equals_import_mix_export_for_qwen3(tmp_path):
     assert sorted(a) == sorted(b) and any(".q_norm." in n for n in a)
     assert [n for n in a if not bitwise_equal(a[n], b[n])] == []
     assert json.loads((direct / "config.json").read_text())["architectures"] == ["Qwen3MoeForCausalLM"]
+
+
+def test_export_carries_a_bos_the_run_added(tmp_path):
+    """A run that put a BOS before every document (data.tokenizer.add_bos=true on a tokenizer
+    whose own files add none) exports a tokenizer with which transformers encodes the same ids."""
+    import sys
+
+    from transformers import AutoTokenizer
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1] / "data"))
+    from hf_tokenizers import QWEN_EOS, write_qwen_tokenizer
+    from nemo_btx.config.schema import TokenizerConfig
+    from nemo_btx.data.tokenizer import load_hf, save_tokenizer
+
+    (tmp_path / "tok").mkdir()
+    write_qwen_tokenizer(tmp_path / "tok", bos_token="<|endoftext|>")  # named, never added
+    tok = load_hf(TokenizerConfig(kind="hf", path=str(tmp_path / "tok"), add_bos=True,
+                                  eod_token=QWEN_EOS))
+    assert tok.bos_id is not None
+    weights = _random_moe(tmp_path, ["model.family=qwen3", "model.qk_layernorm=true",
+                                     "model.moe.num_experts=null"])
+    save_tokenizer(tok, tmp_path)  # the run's tokenizer replaces the BPE _random_moe saved
+    out = _export(weights, tmp_path / "hf", f"run.dir={tmp_path}")
+    text = "The cat sat on the mat."
+    ids = AutoTokenizer.from_pretrained(str(out))(text)["input_ids"]
+    assert ids == tok.encode_documents([text])[0][:-1]  # BOS + text, as the run stored it
+    assert json.loads((out / "config.json").read_text())["bos_token_id"] == tok.bos_id
