@@ -95,9 +95,13 @@ def test_mmlu_always_b_scores_the_share_of_b():
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_mmlu_always_b_full_set():
-    res = run_tasks(AlwaysB(), ["btx_mmlu"])
-    answers = Counter(r["answer"] for rows in benchmarks._mmlu_test().values() for r in rows)
+def test_mmlu_always_b_scores_the_share_of_b():
+    """The first 40 questions of every subject (2,280 of the 14,042; the whole set took 67 s):
+    the group's accuracy is the share of B among them, so each subject's documents, answers and
+    the size-weighted group mean line up."""
+    res = run_tasks(AlwaysB(), ["btx_mmlu"], limit=40)
+    answers = Counter(r["answer"] for rows in benchmarks._mmlu_test().values() for r in rows[:40])
+    assert sum(answers.values()) > 2000
     assert res["groups"]["btx_mmlu"]["acc,none"] == pytest.approx(answers[1] / sum(answers.values()))
 
 
