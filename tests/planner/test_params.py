@@ -87,6 +87,14 @@ def test_total_params_of_llama2_7b():
     assert total_params(cfg.model) == 6_738_415_616  # Llama-2-7b-hf's published count
 
 
+@pytest.mark.parametrize("preset,published", [
+    ("llama31_8b", 8_030_261_248), ("mistral_7b", 7_248_023_552), ("qwen25_7b", 7_615_616_512),
+    ("qwen3_8b", 8_190_735_360)])
+def test_total_params_of_todays_seed_presets(preset, published):
+    """conf/model presets of the seeds people start from today: their published counts."""
+    assert total_params(load_config([f"model={preset}"]).model) == published
+
+
 def test_total_params_equal_transformers_for_qwen2_and_qwen3():
     """The whole-model count of an imported family equals transformers' own model's (untied)."""
     import transformers
