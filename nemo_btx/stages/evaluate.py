@@ -160,8 +160,9 @@ def evaluate_model(cfg: ExperimentConfig, name: str) -> Optional[Path]:
 
 def runnable_tasks(cfg: ExperimentConfig):
     from nemo_btx.evaluation.benchmarks import runnable
+    from nemo_btx.evaluation.suite import eval_tasks
 
-    return runnable(cfg.eval.tasks, cfg.eval.data_dir, cfg.eval.missing_data)
+    return runnable(eval_tasks(cfg.eval.suite, cfg.eval.tasks), cfg.eval.data_dir, cfg.eval.missing_data)
 
 
 def _with_model_shape(cfg: ExperimentConfig, lm) -> ExperimentConfig:
