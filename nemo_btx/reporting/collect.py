@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from nemo_btx.evaluation.suite import domain_of
 from nemo_btx.run_dir import BASELINE_NAMES, MANIFEST, METRICS, RESULTS, ROUTING, RunDir
 
 
@@ -29,12 +30,31 @@ class TaskSpec:
     """Preferred filter of the metric; another filter of the same metric is the fallback."""
 
 
-#: The headline metric of each benchmark, as lm-eval reports it ("metric,filter").
+#: The headline metric of each benchmark, as lm-eval reports it ("metric,filter"); every one is
+#: a mean of 0/1 outcomes per document, so its standard error is binomial.
 TASKS = [
     TaskSpec("gsm8k", "GSM8K", "btx_gsm8k", "exact_match", "strict-match"),
     TaskSpec("humaneval", "HumanEval", "btx_humaneval", "pass@1", "sandbox"),
     TaskSpec("mmlu", "MMLU", "btx_mmlu", "acc", "none"),
+    TaskSpec("math", "MATH", "btx_math", "exact_match", "none"),
+    TaskSpec("mbpp", "MBPP", "btx_mbpp", "pass@1", "sandbox"),
+    TaskSpec("nq_open", "NQ", "btx_nq_open", "exact_match", "remove_whitespace"),
+    TaskSpec("triviaqa", "TriviaQA", "btx_triviaqa", "exact_match", "remove_whitespace"),
+    TaskSpec("arc_easy", "ARC-e", "btx_arc_easy", "acc", "none"),
+    TaskSpec("arc_challenge", "ARC-c", "btx_arc_challenge", "acc", "none"),
+    TaskSpec("siqa", "SIQA", "btx_siqa", "acc", "none"),
+    TaskSpec("piqa", "PIQA", "btx_piqa", "acc", "none"),
+    TaskSpec("winogrande", "WinoGrande", "btx_winogrande", "acc", "none"),
 ]
+#: What a report shows before any model asked for more (the default eval.tasks).
+DEFAULT_TASKS = ("gsm8k", "humaneval", "mmlu")
+
+
+def asked_tasks(evals: List[dict]) -> List[TaskSpec]:
+    """The benchmarks the run's evaluations ran or skipped (the defaults before any did)."""
+    asked = {t for ev in evals for t in [*ev["asked"], *ev["skipped"]]}
+    chosen = [t for t in TASKS if t.task in asked]
+    return chosen or [t for t in TASKS if t.key in DEFAULT_TASKS]
 
 
 def model_catalog(run_dir: Path, domains: List[str], baselines: Optional[List[str]] = None) -> List[dict]:
@@ -216,10 +236,11 @@ def eval_result(run_dir: Path, name: str) -> Optional[dict]:
     return {
         "path": str(path.relative_to(run_dir)),
         "tasks": {t.key: task_score(results, t) for t in TASKS},
-        "documents": {t.key: task_documents(results, t.task) for t in TASKS},
+        "documents": {t.key: n for t in TASKS if (n := task_documents(results, t.task)) is not None},
         "perplexity": perplexity, "limit": ours.get("limit"), "checkpoints": ours.get("checkpoints") or [],
         "versions": ours.get("versions") or {},
         "skipped": ours.get("skipped_tasks") or {},
+        "asked": ours.get("tasks") or [],
     }
 
 
@@ -342,7 +363,10 @@ def collect(run_dir: Path) -> dict:
     stages: Dict[str, dict] = {}
     version_sources: Dict[str, dict] = {}
     experts = expert_list(config["data"], domains)
-    for spec in model_catalog(run_dir, experts, which):
+    catalog = model_catalog(run_dir, experts, which)
+    evals = {s["name"]: eval_result(run_dir, s["name"]) for s in catalog}
+    tasks = asked_tasks([ev for ev in evals.values() if ev])
+    for spec in catalog:
         name, rel = spec["name"], spec["train_dir"]
         stage = training_stage(run_dir, rel) if rel else None
         if rel and (stage is None or not stage["complete"]):
@@ -351,12 +375,12 @@ def collect(run_dir: Path) -> dict:
         if stage is not None:
             stages[name] = {"label": spec["label"], **stage}
             version_sources[rel] = stage["versions"]
-        ev = eval_result(run_dir, name)
+        ev = evals[name]
         if ev is None:
             missing.append(f"eval/{name}/results.json ({spec['label']}: not evaluated)")
         else:
             version_sources[ev["path"]] = ev["versions"]
-            gone = [t.title for t in TASKS if ev["tasks"][t.key] is None]
+            gone = [t.title for t in tasks if ev["tasks"][t.key] is None]
             if gone:
                 why = "; ".join(sorted(set(ev["skipped"].values())))
                 missing.append(f"{ev['path']}: no {', '.join(gone)} score" + (f" (skipped: {why})" if why else ""))
@@ -370,7 +394,7 @@ def collect(run_dir: Path) -> dict:
                 # Same held-out windows as the eval stage, scored during training.
                 perplexity[dom] = {"value": math.exp(stage["valid_loss"][dom]), "source": "train"}
         models[name] = {**spec, "eval": ev, "perplexity": perplexity,
-                        "tasks": {t.key: (ev["tasks"][t.key] if ev else None) for t in TASKS}}
+                        "tasks": {t.key: (ev["tasks"][t.key] if ev else None) for t in tasks}}
 
     data_rows = datasets(run_dir, domains, missing)
     entries = ledger(run_dir, experts)
@@ -384,8 +408,8 @@ def collect(run_dir: Path) -> dict:
         "generated": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "domains": domains,
         "experts": experts,
-        "tasks": [{"key": t.key, "title": t.title, "task": t.task, "metric": f"{t.metric},{t.filter}"}
-                  for t in TASKS],
+        "tasks": [{"key": t.key, "title": t.title, "task": t.task, "metric": f"{t.metric},{t.filter}",
+                   "domain": domain_of(t.task)} for t in tasks],
         "config": config,
         "versions": versions(version_sources),
         "models": models,

@@ -78,6 +78,8 @@ def build(data: dict, tables: Dict[str, Table], found: List[dict], skipped: List
         blocks += [Heading("Not assessed (inputs missing)", 3), Bullets([(None, s) for s in skipped])]
 
     blocks += [Heading("Results"), TableBlock(tables["results"]), TableBlock(tables["aggregate"])]
+    if "domains" in tables:
+        blocks.append(TableBlock(tables["domains"]))
     if "scores.png" in figures:
         blocks.append(Image("scores.png", figures["scores.png"]))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Dict, List, Optional, Tuple
 
-from nemo_btx.reporting.tables import Table, fmt_pct, fmt_ppl, fmt_ratio
+from nemo_btx.reporting.tables import Table, fmt_pct, fmt_ppl, fmt_ratio, mean_se, score_se
 from nemo_btx.run_dir import BASELINES
 
 #: Compute-matched baselines count as matched within this relative FLOP difference.
@@ -48,15 +48,13 @@ def _score_se(data: dict, name: str) -> Optional[float]:
     m = data["models"][name]
     if not m["eval"]:
         return None
-    var = 0.0
+    ses = []
     for t in data["tasks"]:
         p, n = m["tasks"].get(t["key"]), m["eval"]["documents"].get(t["key"])
         if p is None or not n:
             return None
-        # Shrunk towards 1/2 (Agresti-Coull): 0 of 8 correct is not a score known to +-0.
-        p = (p * n + 1) / (n + 2)
-        var += p * (1 - p) / n
-    return math.sqrt(var) / len(data["tasks"])
+        ses.append(score_se(p, n))
+    return mean_se(ses)
 
 
 def findings(data: dict, results: Table, aggregate: Table, comp: Dict[str, dict]) -> Tuple[List[dict], List[str]]:

@@ -75,6 +75,8 @@ class Row:
     values: Dict[str, Optional[float]]
     marks: Dict[str, str] = field(default_factory=dict)
     """Footnote markers per column (e.g. † for a number taken from training, not eval)."""
+    stderr: Dict[str, Optional[float]] = field(default_factory=dict)
+    """Standard error per column, where the table gives one."""
 
 
 @dataclass
@@ -115,7 +117,8 @@ class Table:
         return {"title": self.title,
                 "columns": [{"key": c.key, "title": c.title, "better": c.better} for c in self.columns],
                 "rows": [{"key": r.key, "label": r.label, "values": r.values,
-                          **({"marks": r.marks} if r.marks else {})} for r in self.rows],
+                          **({"marks": r.marks} if r.marks else {}),
+                          **({"stderr": r.stderr} if r.stderr else {})} for r in self.rows],
                 "best": {c.key: sorted(self.best(c)) for c in self.columns if c.better},
                 "notes": self.notes}
 
@@ -195,6 +198,75 @@ def aggregate_table(data: dict, results: Table) -> Table:
              f"{', '.join(t['title'] for t in tasks)}; both only where every value exists. Mean rank: "
              "each model's rank (1 = best) in every Table 1 column it has a value in, averaged."]
     return Table("aggregate", "Table 2. Aggregate", columns, rows, notes)
+
+
+def score_se(p: float, n: int) -> float:
+    """Standard error of a score that is the mean of n 0/1 outcomes (every task's headline
+    metric), shrunk towards 1/2 (Agresti-Coull): 0 of 8 correct is not a score known to +-0."""
+    p = (p * n + 1) / (n + 2)
+    return math.sqrt(p * (1 - p) / n)
+
+
+def mean_se(ses: List[Optional[float]]) -> Optional[float]:
+    """Standard error of the mean of independent scores with these standard errors."""
+    if not ses or None in ses:
+        return None
+    return math.sqrt(sum(se ** 2 for se in ses)) / len(ses)
+
+
+SAME_MARK = "≈"
+
+
+def domain_table(data: dict) -> Optional[Table]:
+    """Table 2b (the BTX paper's Table 2): each domain's mean task score and their average, with
+    standard errors; ≈ marks a score within two standard errors of its column's best. None when
+    no task of the run belongs to the paper's suite."""
+    from nemo_btx.evaluation.suite import PAPER
+
+    by_domain = {d: [t for t in data["tasks"] if t.get("domain") == d] for d in PAPER}
+    by_domain = {d: ts for d, ts in by_domain.items() if ts}
+    if not by_domain:
+        return None
+    columns = [Column(f"domain:{d}", d.capitalize(), fmt_pct, "higher") for d in by_domain]
+    columns.append(Column("average", "Average", fmt_pct, "higher"))
+    rows = []
+    for name, m in data["models"].items():
+        values, ses = {}, {}
+        for d, ts in by_domain.items():
+            scores = [m["tasks"].get(t["key"]) for t in ts]
+            docs = [m["eval"]["documents"].get(t["key"]) if m["eval"] else None for t in ts]
+            ok = None not in scores and all(docs)
+            values[f"domain:{d}"] = sum(scores) / len(scores) if ok else None
+            ses[f"domain:{d}"] = mean_se([score_se(p, n) for p, n in zip(scores, docs)]) if ok else None
+        domain_values = [values[f"domain:{d}"] for d in by_domain]
+        values["average"] = sum(domain_values) / len(domain_values) if None not in domain_values else None
+        ses["average"] = mean_se([ses[f"domain:{d}"] for d in by_domain])
+        rows.append(Row(name, m["label"], values, stderr=ses))
+    table = Table("domains", "Table 2b. By domain (the BTX paper's Table 2)", columns, rows)
+    for col in columns:
+        best = table.best(col)
+        tops = [r for r in rows if r.key in best]
+        for r in rows:
+            v, se = r.values.get(col.key), r.stderr.get(col.key)
+            if v is None or se is None:
+                continue
+            r.marks[col.key] = f" ± {100 * se:.1f}"
+            if r.key not in best and tops and within_two_se(tops[0].values[col.key], tops[0].stderr[col.key], v, se):
+                r.marks[col.key] += SAME_MARK
+    table.notes = [
+        "Mean task score in % per domain of the paper's suite (" + "; ".join(
+            f"{d}: {', '.join(t['title'] for t in ts)}" for d, ts in by_domain.items()) + "), and "
+        "their average (each domain counts once), ± one standard error (binomial per task, tasks "
+        "independent). Best per column in bold; " + SAME_MARK + " within two standard errors of the "
+        "best: not a meaningful difference."]
+    return table
+
+
+def within_two_se(a: float, se_a: Optional[float], b: float, se_b: Optional[float]) -> bool:
+    """Whether two independent scores differ by less than two standard errors of the difference."""
+    if se_a is None or se_b is None:
+        return False
+    return abs(a - b) < 2 * math.sqrt(se_a ** 2 + se_b ** 2)
 
 
 def _ranks(table: Table) -> Dict[str, List[float]]:

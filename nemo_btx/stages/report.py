@@ -79,6 +79,9 @@ def _write(run_dir: Path, out: Path) -> dict:
              "compute": tables.compute_table(comp),
              "ledger": tables.ledger_table(compute.stage_rows(data["ledger"])),
              "data": tables.data_table(data["data"])}
+    by_domain = tables.domain_table(data)
+    if by_domain is not None:
+        built["domains"] = by_domain
     found, skipped = findings.findings(data, results, built["aggregate"], comp)
     figures = plots.draw_all(data, out)
     blocks = document.build(data, built, found, skipped, figures)
