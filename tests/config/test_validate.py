@@ -61,7 +61,7 @@ def test_valid_layouts_pass():
     (["+model.extra=1"], "model.extra", "unknown key"),
     (["model.num_layers=abc"], "model.num_layers", "could not be converted to Integer"),
     (["model.moe=3"], "model.moe", "MoEConfig"),
-    (["model=gpt5"], "model", "available: llama2_7b, tiny"),
+    (["model=gpt5"], "model", "available: llama2_7b, llama31_8b, mistral_7b, qwen25_7b, qwen3_8b, tiny"),
     (["model.num_layers"], "model.num_layers", "key=value"),
 ])
 def test_unknown_keys_and_wrong_types(overrides, key, words):
