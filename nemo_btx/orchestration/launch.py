@@ -68,7 +68,7 @@ def run(cfg: ExperimentConfig, overrides: Sequence[str] = (), config_name: str =
     write_json_atomic(rd.slurm_jobs, {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "workdir": target.workdir,
         "config_name": config_name, "overrides": list(overrides),
-        "jobs": {j.stage: {"id": ids[j.stage], "script": j.script,
+        "jobs": {j.key: {"id": ids[j.key], "script": j.script,
                            "array": j.array_spec(j.todo) if j.is_array else None,
                            "units": [j.units[i].name for i in j.todo]} for j in todo}})
     log.info("launch: submitted %d jobs (%s); logs in %s, job ids in %s", len(ids),

@@ -11,12 +11,17 @@ How a job starts its processes (documented in each script):
   `torchrun --nnodes $SLURM_NNODES --nproc-per-node <GPUs used per node>` with a c10d
   rendezvous on the job's first node; the job's world size is its layout's
   (parallel.world_size, else cluster.nodes x gpus_per_node) and must fit the layout's grid.
-- CPU cluster (gpus_per_node = 0): one node, `torchrun --standalone` with the layout's process
-  count when it is above one (the ep2 layout: 2), plain `python` otherwise; no GPU request.
+- CPU cluster (gpus_per_node = 0): the layout's process count (the ep2 layout: 2), no GPU
+  request. With cluster.nodes = 1, one node: `torchrun --standalone` when it is above one, plain
+  `python` otherwise. With cluster.nodes = N > 1, a job of several processes spreads them evenly
+  over N nodes (its count must be a multiple of N) and starts them as on a GPU cluster: srun,
+  one torchrun per node, the c10d rendezvous on the first node, gloo between the hosts.
 
-Dependencies: `--dependency=afterok` on the nearest parent stages that were submitted (the
-stage graph of the units' needs, `units.stage_parents`), with `--kill-on-invalid-dep=yes`, so a
-failed job cancels everything downstream of it.
+Dependencies: `--dependency=afterok` on the nearest parent jobs that were submitted (the graph
+of the units' needs, `job_parents`), with `--kill-on-invalid-dep=yes`, so a failed job cancels
+everything downstream of it. The evaluations are one array job per stage whose models they
+score (`eval-seed`, `eval-experts` with BTM, `eval-finetune`, ...), each waiting only for that
+stage: the seed and the experts are evaluated while BTX and the baselines still train.
 """
 
 from __future__ import annotations
@@ -25,14 +30,13 @@ import os
 import shlex
 import sys
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from nemo_btx.config.schema import ExperimentConfig, ParallelConfig
 from nemo_btx.config.validate import check_cluster
 from nemo_btx.errors import ConfigError
 from nemo_btx.orchestration.units import (
-    STAGES, Unit, command, layout_config, nproc_of, pending, plan, select, stage_parents,
-    with_missing_needs)
+    STAGES, Unit, command, layout_config, nproc_of, pending, plan, select, with_missing_needs)
 from nemo_btx.run_dir import RunDir
 
 #: Stages with one array task per unit.
@@ -63,6 +67,17 @@ class Job:
     time: str
     todo: List[int] = field(default_factory=list)
     """Indices of the units that are not complete (what a launch submits)."""
+    key: str = ""
+    """The job's name in the chain: its stage, or `eval-<stage>` for the evaluations of the
+    models one stage makes."""
+
+    def __post_init__(self):
+        self.key = self.key or self.stage
+
+    @property
+    def var(self) -> str:
+        """submit.sh's shell variable holding the job id."""
+        return self.key.replace("-", "_")
 
     @property
     def world_size(self) -> int:
@@ -74,7 +89,7 @@ class Job:
 
     @property
     def script(self) -> str:
-        return f"{self.index:02d}-{self.stage}.sbatch"
+        return f"{self.index:02d}-{self.key}.sbatch"
 
     def array_spec(self, indices: Optional[Sequence[int]] = None) -> str:
         """`0-2`, `1`, `0,2-3`: Slurm's --array syntax for these task indices."""
@@ -92,7 +107,7 @@ class Job:
         """`tp 2 x pp 1 x cp 1 x dp 4 = 8 processes (1 node x 8 GPUs)` for the script header."""
         where = (f"{self.nodes} node{'s' if self.nodes > 1 else ''} x {self.gpus_per_node} GPU"
                  f"{'s' if self.gpus_per_node > 1 else ''}" if self.gpus_per_node
-                 else f"{self.nodes} node, no GPU")
+                 else f"{self.nodes} node{'s' if self.nodes > 1 else ''}, no GPU")
         if self.parallel is None:
             return f"{self.world_size} process{'es' if self.world_size > 1 else ''} ({where})"
         p = self.parallel
@@ -117,14 +132,19 @@ def resources(cfg: ExperimentConfig, stage: str, layout: Optional[str], override
     c = cfg.cluster
     g = c.gpus_per_node
     if g == 0:
-        # Exactly what `nemo-btx run` starts, on one node.
+        # Exactly the processes `nemo-btx run` starts, on one node or spread over cluster.nodes.
         n = nproc_of(layout, overrides, config_name)
         p = _parallel_of(cfg, layout, overrides, config_name) if n > 1 else None
-        return dict(nodes=1, procs_per_node=n, gpus_per_node=0, parallel=p)
+        nodes = c.nodes if n > 1 else 1
+        if n % nodes:
+            raise ConfigError("cluster.nodes", c.nodes, f"{stage} runs {n} processes at layout "
+                              f"{layout or 'parallel'}, which do not spread evenly over {nodes} nodes")
+        return dict(nodes=nodes, procs_per_node=n // nodes, gpus_per_node=0, parallel=p)
     if stage in CPU_STAGES:
         return dict(nodes=1, procs_per_node=1, gpus_per_node=0, parallel=None)
     if stage == "eval" and layout is None:
-        # Evaluation loads any checkpoint at TP=PP=EP=1 (nemo_btx/evaluation/model.py).
+        # Evaluation loads any checkpoint at TP=PP=EP=1 (nemo_btx/evaluation/model.py); a
+        # layout (e.g. dp2) makes its processes data-parallel ranks.
         return dict(nodes=1, procs_per_node=1, gpus_per_node=1, parallel=None)
     p = _parallel_of(cfg, layout, overrides, config_name)
     if p.world_size is not None:  # the layout fixes the world: whole nodes of it
@@ -156,10 +176,7 @@ def build_jobs(cfg: ExperimentConfig, overrides: Sequence[str] = (), config_name
         by_stage.setdefault(unit.stage, []).append(unit)
     todo = {id(u) for u in pending(units)}
     jobs: List[Job] = []
-    for stage in STAGES:
-        group = by_stage.get(stage)
-        if not group:
-            continue
+    for stage, key, group in _job_groups(units, by_stage):
         layout = group[0].layout
         assert all(u.layout == layout for u in group), f"{stage}: units at different layouts"
         res = resources(cfg, stage, layout, overrides, config_name)
@@ -171,7 +188,7 @@ def build_jobs(cfg: ExperimentConfig, overrides: Sequence[str] = (), config_name
             cpus_per_task=data_cpus(cfg) if stage in DATA_STAGES else c.cpus_per_process * res["procs_per_node"],
             partition=c.partition if gpu or c.gpus_per_node == 0 else (c.cpu_partition or c.partition),
             time=time_of(cfg, stage),
-            todo=[i for i, u in enumerate(group) if id(u) in todo],
+            todo=[i for i, u in enumerate(group) if id(u) in todo], key=key,
             **res))
     # New results anywhere: the report is rebuilt (as `nemo-btx run` does).
     if any(j.todo for j in jobs[:-1]) and jobs[-1].stage == "report":
@@ -181,6 +198,25 @@ def build_jobs(cfg: ExperimentConfig, overrides: Sequence[str] = (), config_name
         for job in jobs:
             job.todo = [i for i in job.todo if id(job.units[i]) in chosen]
     return jobs
+
+
+def _job_groups(units: List[Unit], by_stage: Dict[str, List[Unit]]):
+    """(stage, job key, units) of each job in chain order: one job per stage, except the
+    evaluations, grouped by the stage that makes the models they score."""
+    stage_of = {u.name: u.stage for u in units}
+    for stage in STAGES:
+        group = by_stage.get(stage)
+        if not group:
+            continue
+        if stage != "eval":
+            yield stage, stage, group
+            continue
+        producers: Dict[str, List[Unit]] = {}
+        for unit in group:
+            made_by = max((stage_of[n] for n in unit.needs), key=STAGES.index, default="seed")
+            producers.setdefault(made_by, []).append(unit)
+        for made_by in sorted(producers, key=STAGES.index):
+            yield stage, f"eval-{made_by}", producers[made_by]
 
 
 def data_cpus(cfg: ExperimentConfig) -> int:
@@ -198,23 +234,44 @@ def time_of(cfg: ExperimentConfig, stage: str) -> str:
     return c.time
 
 
+def job_parents(jobs: List[Job]) -> Dict[str, Tuple[str, ...]]:
+    """The job-level graph of the units' needs (what each job waits for), in chain order,
+    without a parent that another parent already depends on."""
+    job_of = {u.name: j.key for j in jobs for u in j.units}
+    direct = {j.key: {job_of[n] for u in j.units for n in u.needs if job_of[n] != j.key} for j in jobs}
+
+    def ancestors(key: str) -> set:
+        out = set()
+        for p in direct[key]:
+            out |= {p} | ancestors(p)
+        return out
+
+    order = [j.key for j in jobs]
+    reduced = {}
+    for key, parents in direct.items():
+        implied = set().union(*(ancestors(p) for p in parents)) if parents else set()
+        reduced[key] = tuple(k for k in order if k in parents and k not in implied)
+    return reduced
+
+
 def dependencies(jobs: List[Job], submitted: Sequence[str]) -> Dict[str, List[str]]:
-    """For each submitted stage, the nearest submitted stages upstream of it."""
-    parents = stage_parents([u for j in jobs for u in j.units])
+    """For each submitted job (by key), the nearest submitted jobs upstream of it."""
+    parents = job_parents(jobs)
     chosen = set(submitted)
     memo: Dict[str, List[str]] = {}
 
-    def nearest(stage: str) -> List[str]:
-        if stage not in memo:
+    def nearest(key: str) -> List[str]:
+        if key not in memo:
             out: List[str] = []
-            for parent in parents.get(stage, ()):
-                for s in ([parent] if parent in chosen else nearest(parent)):
-                    if s not in out:
-                        out.append(s)
-            memo[stage] = out
-        return memo[stage]
+            for parent in parents.get(key, ()):
+                for k in ([parent] if parent in chosen else nearest(parent)):
+                    if k not in out:
+                        out.append(k)
+            memo[key] = out
+        return memo[key]
 
-    return {j.stage: [s for s in STAGES if s in nearest(j.stage)] for j in jobs if j.stage in chosen}
+    order = [j.key for j in jobs]
+    return {j.key: [k for k in order if k in nearest(j.key)] for j in jobs if j.key in chosen}
 
 
 # ------------------------------------------------------------------------------ scripts
@@ -310,7 +367,7 @@ def render_script(job: Job, cfg: ExperimentConfig, target: Target, has_parents: 
         lines.append("# Tasks: " + " ".join(f"{i}={u.item}" for i, u in enumerate(job.units)))
         lines.append("# Re-run failed tasks alone: sbatch --array=1 THIS_SCRIPT (complete tasks skip anyway).")
     lines.append(f"# Layout {job.layout or 'parallel (the experiment default)'}: {job.layout_text()}")
-    sb = [f"--job-name={c.job_prefix}-{job.stage}"]
+    sb = [f"--job-name={c.job_prefix}-{job.key}"]
     if job.is_array:
         spec = job.array_spec()
         sb.append(f"--array={spec}{f'%{c.array_parallelism}' if c.array_parallelism else ''}")
@@ -390,7 +447,7 @@ def _launch_lines(job: Job, cfg: ExperimentConfig) -> List[str]:
         mounts = f" --container-mounts={_q(','.join(c.container_mounts))}" if c.container_mounts else ""
         srun.append(f'--container-image={_q(c.container_image)}{mounts} --container-workdir="$PWD"')
     out = []
-    if job.gpus_per_node and job.world_size > 1:
+    if (job.gpus_per_node or job.nodes > 1) and job.world_size > 1:
         out += [f"# One task per node runs torchrun with {job.procs_per_node} ranks; rendezvous on the first node.",
                 'HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
                 "LAUNCH=(" + " ".join(srun),
@@ -411,7 +468,8 @@ def render_submit(jobs: List[Job], cfg: ExperimentConfig, target: Target, only_t
     """submit.sh: sbatch every job (only those with units to do when `only_todo`), chained."""
     rd = RunDir(target.run_dir(cfg))
     chosen = [j for j in jobs if j.todo or not only_todo]
-    deps = dependencies(jobs, [j.stage for j in chosen])
+    deps = dependencies(jobs, [j.key for j in chosen])
+    var = {j.key: j.var for j in jobs}
     lines = ["#!/bin/bash",
              f"# Submit the nemo-btx job chain of {cfg.run.dir} (rendered by `nemo-btx launch`).",
              "# A job starts when its parents completed (afterok); when one fails, the jobs after it",
@@ -427,14 +485,13 @@ def render_submit(jobs: List[Job], cfg: ExperimentConfig, target: Target, only_t
         if job.is_array and only_todo and job.todo != list(range(len(job.units))):
             par = cfg.cluster.array_parallelism
             opts.append(f"--array={job.array_spec(job.todo)}{f'%{par}' if par else ''}")
-        if deps[job.stage]:
+        if deps[job.key]:
             # The report shows what exists and names what is missing: it runs after the
             # evaluations however they ended (afterany), not only when all of them succeeded.
             kind = "afterany" if job.stage == "report" else "afterok"
-            opts.append(f"--dependency={kind}:" + ":".join(f"${d}" for d in deps[job.stage]))
-        var = job.stage
-        lines.append(f'{var}=$(submit {" ".join(opts) + " " if opts else ""}"$HERE/{job.script}")')
-        lines.append(f'echo "{job.stage} ${var}"')
+            opts.append(f"--dependency={kind}:" + ":".join(f"${var[d]}" for d in deps[job.key]))
+        lines.append(f'{job.var}=$(submit {" ".join(opts) + " " if opts else ""}"$HERE/{job.script}")')
+        lines.append(f'echo "{job.key} ${job.var}"')
     return "\n".join(lines) + "\n"
 
 
@@ -442,10 +499,10 @@ def render_files(cfg: ExperimentConfig, target: Target, jobs: Optional[List[Job]
                  only_todo: bool = False) -> Dict[str, str]:
     """Every script of the chain by file name (the job scripts and submit.sh)."""
     jobs = jobs if jobs is not None else build_jobs(cfg, target.overrides, target.config_name)
-    parents = stage_parents([u for j in jobs for u in j.units])
+    parents = job_parents(jobs)
     files = {}
     for job in jobs:
-        files[job.script] = render_script(job, cfg, target, has_parents=bool(parents.get(job.stage)))
+        files[job.script] = render_script(job, cfg, target, has_parents=bool(parents.get(job.key)))
     files[SUBMIT_SCRIPT] = render_submit(jobs, cfg, target, only_todo)
     return files
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from nemo_btx.config.schema import ExperimentConfig, expert_domains
 from nemo_btx.errors import ConfigError
@@ -89,11 +89,25 @@ def plan(cfg: ExperimentConfig) -> List[Unit]:
     for model in rd.models(names, which):
         evals.append(Unit("eval", model.name, ["eval", f"eval.model={model.name}"], [rd.eval_dir(model.name)],
                           _eval_done(cfg, model.name), model.needs, layouts.eval))
-    units += evals
+    units = after_needs(units, evals)
     units.append(Unit("report", None, ["report"], [rd.report], _marker(rd.report / REPORT_JSON),
                       tuple(u.name for u in evals)))
     _check_graph(units)
     return units
+
+
+def after_needs(units: List[Unit], evals: List[Unit]) -> List[Unit]:
+    """`units` with each evaluation placed right after the last unit it needs: a model is
+    evaluated as soon as it exists (the seed while the experts train, an expert while the next
+    one trains), not after every baseline."""
+    out = list(units)
+    for unit in evals:
+        last = max((i for i, u in enumerate(out) if u.name in unit.needs), default=len(out) - 1)
+        # after that unit and the evaluations already placed behind it (their order is kept)
+        while last + 1 < len(out) and out[last + 1].stage == "eval":
+            last += 1
+        out.insert(last + 1, unit)
+    return out
 
 
 def data_units(cfg: ExperimentConfig) -> List[Unit]:
@@ -146,27 +160,6 @@ def _check_graph(units: List[Unit]) -> None:
         seen.add(u.name)
 
 
-def stage_parents(units: Sequence[Unit]) -> Dict[str, Tuple[str, ...]]:
-    """The stage-level graph of the units' needs (what one Slurm job per stage waits for), in
-    STAGES order, without a stage that another parent already depends on."""
-    stage_of = {u.name: u.stage for u in units}
-    direct: Dict[str, set] = {}
-    for u in units:
-        direct.setdefault(u.stage, set()).update(stage_of[n] for n in u.needs if stage_of[n] != u.stage)
-
-    def ancestors(stage: str) -> set:
-        out = set()
-        for p in direct.get(stage, ()):
-            out |= {p} | ancestors(p)
-        return out
-
-    reduced = {}
-    for stage, parents in direct.items():
-        implied = set().union(*(ancestors(p) for p in parents)) if parents else set()
-        reduced[stage] = tuple(s for s in STAGES if s in parents and s not in implied)
-    return reduced
-
-
 def pending(units: Sequence[Unit]) -> List[Unit]:
     """Units to run: those not complete, and every evaluation (and the report) downstream of one
     of them — an evaluation's results are of the checkpoint that existed when it ran, so a model
@@ -215,12 +208,19 @@ def select(units: List[Unit], from_stage: Optional[str], only: Optional[str],
         raise ConfigError("--from", from_stage, "give --from or --only, not both")
     if from_stage:
         check(from_stage, "--from")
-        if ":" in from_stage:
-            first = next(i for i, u in enumerate(units) if matches(u, from_stage))
-        else:  # a stage without units here (no tokenize units, say) starts at the next one
-            order = STAGES.index(from_stage)
-            first = next((i for i, u in enumerate(units) if STAGES.index(u.stage) >= order), len(units))
-        return units[first:]
+        # From the given unit (or the stage's first; a stage without units here starts at the
+        # next one) on, in plan order: its stage and later ones. Evaluations are planned right
+        # after their models, so those of models made before it are not redone.
+        stage, _, item = from_stage.partition(":")
+        order = STAGES.index(stage)
+
+        def starts(u: Unit) -> bool:
+            if item:
+                return matches(u, from_stage)
+            return STAGES.index(u.stage) >= order and (u.stage != "eval" or stage == "eval")
+
+        first = next((i for i, u in enumerate(units) if starts(u)), len(units))
+        return [u for u in units[first:] if STAGES.index(u.stage) >= order]
     if only:
         specs = [s for s in only.split(",") if s]
         for s in specs:

@@ -213,12 +213,14 @@ def test_failed_expert_is_retrained_alone(slurm, tmp_path):
     wait_for(slurm, rd)
     experts = {d: rd / "experts" / d / "manifest.json" for d in ("code", "math", "wiki")}
     assert experts["code"].is_file() and experts["wiki"].is_file() and not experts["math"].is_file()
-    # Nothing downstream started, Slurm cancelled it (dependency never satisfied), except the
-    # report: it runs after the evaluations however they ended (afterany) and names what is missing.
+    # Nothing downstream of the experts started, Slurm cancelled it (dependency never
+    # satisfied), except the report: it runs after the evaluations however they ended
+    # (afterany) and names what is missing. The seed's evaluation waits only for the seed: it ran.
+    assert {e["unit"] for e in events(rd) if e["unit"].startswith(("eval", "report"))} == {"eval:seed", "report"}
     assert {e["unit"].split(":")[0] for e in events(rd)} == {"tokenizer", "data", "seed", "branch", "experts",
-                                                              "report"}
-    for stage in ("mix", "finetune", "dense", "eval"):
-        out = subprocess.run(["scontrol", "show", "job", first[stage]["id"]], env=slurm, capture_output=True,
+                                                              "eval", "report"}
+    for job in ("mix", "finetune", "dense", "eval-experts", "eval-finetune", "eval-dense"):
+        out = subprocess.run(["scontrol", "show", "job", first[job]["id"]], env=slurm, capture_output=True,
                              text=True, timeout=60).stdout
         assert "JobState=CANCELLED" in out and "DependencyNeverSatisfied" in out, out
     report = json.loads((rd / "report" / "report.json").read_text())
@@ -230,7 +232,7 @@ def test_failed_expert_is_retrained_alone(slurm, tmp_path):
     launch(slurm, rd, setup)
     second = jobs_of(rd)
     assert second["experts"]["array"] == "1" and second["experts"]["units"] == ["experts:math"]
-    assert not {"data", "seed", "branch"} & set(second)
+    assert not {"data", "seed", "branch", "eval-seed"} & set(second)
     wait_for(slurm, rd)
     assert (rd / "report" / "report.json").is_file(), log_tail(rd)
     assert {d: experts[d].stat().st_mtime_ns for d in ("code", "wiki")} == mtimes

@@ -61,9 +61,14 @@ def h100_jobs(tmp_path, extra=()):
 def test_llama2_7b_h100_chain(tmp_path):
     cfg, jobs, files = h100_jobs(tmp_path)
     domains = [d.name for d in cfg.data.domains]
-    by_stage = {j.stage: j for j in jobs}
-    assert [j.stage for j in jobs] == ["tokenizer", "data", "seed", "branch", "experts", "mix", "finetune", "upcycle",
-                                       "baselines", "dense", "eval", "report"]
+    by_stage = {j.key: j for j in jobs}
+    assert [j.key for j in jobs] == ["tokenizer", "data", "seed", "branch", "experts", "mix", "finetune", "upcycle",
+                                     "baselines", "dense", "eval-seed", "eval-experts", "eval-finetune",
+                                     "eval-baselines", "eval-dense", "report"]
+    # Each model is evaluated by the array of the stage that makes it (BTM with the experts).
+    assert {k: [u.item for u in by_stage[k].units] for k in by_stage if k.startswith("eval-")} == {
+        "eval-seed": ["seed"], "eval-experts": [f"expert-{d}" for d in domains] + ["btm-top1", "btm-top2"],
+        "eval-finetune": ["btx"], "eval-baselines": ["upcycle-data", "upcycle-compute"], "eval-dense": ["dense"]}
 
     # The experts: one array task per domain, each a full node at TP2 x DP4.
     experts = files[by_stage["experts"].script]
@@ -93,8 +98,8 @@ def test_llama2_7b_h100_chain(tmp_path):
         assert by_stage[stage].layout == "llama2_7b_moe_h100" and (p.tp, p.ep, p.etp) == (2, 4, 1)
     for stage in ("tokenizer", "data", "branch", "report"):  # no GPU asked for
         assert "gpus-per-node" not in sbatch_options(files[by_stage[stage].script])
-    eval_opts = sbatch_options(files[by_stage["eval"].script])
-    assert eval_opts["array"] == f"0-{len(by_stage['eval'].units) - 1}" and eval_opts["gpus-per-node"] == "1"
+    eval_opts = sbatch_options(files[by_stage["eval-experts"].script])
+    assert eval_opts["array"] == "0-4" and eval_opts["gpus-per-node"] == "1"
     # The MoE baselines: one array at the MoE layout; the dense one its own job at a dense layout.
     assert sbatch_options(files[by_stage["baselines"].script])["array"] == "0-1"
     assert by_stage["baselines"].layout == "llama2_7b_moe_h100" and by_stage["dense"].layout == "llama2_7b_h100"
@@ -103,14 +108,19 @@ def test_llama2_7b_h100_chain(tmp_path):
     # The chain: afterok on the parents, submitted after them; a failure cancels what follows,
     # except the report, which runs after the evaluations however they ended (and names what
     # is missing).
-    assert '--dependency=afterany:$eval' in files["submit.sh"]
+    assert '--dependency=afterany:$eval_seed:$eval_experts:$eval_finetune:$eval_baselines:$eval_dense' \
+        in files["submit.sh"]
     assert files["submit.sh"].count("afterany") == 1
     subs = submissions(files["submit.sh"])
-    assert list(subs) == [j.stage for j in jobs]
+    assert list(subs) == [j.var for j in jobs]
+    # An evaluation waits only for the stage that makes its models: the seed's while the
+    # experts train, the experts' (and BTM's) while BTX and the baselines train.
     assert {s: deps for s, (_, deps, _) in subs.items()} == {
         "tokenizer": [], "data": ["tokenizer"], "seed": ["data"], "branch": ["seed"], "experts": ["branch"], "mix": ["experts"],
         "finetune": ["mix"], "upcycle": ["seed"], "baselines": ["finetune", "upcycle"], "dense": ["finetune"],
-        "eval": ["baselines", "dense"], "report": ["eval"]}
+        "eval_seed": ["seed"], "eval_experts": ["experts"], "eval_finetune": ["finetune"],
+        "eval_baselines": ["baselines"], "eval_dense": ["dense"],
+        "report": ["eval_seed", "eval_experts", "eval_finetune", "eval_baselines", "eval_dense"]}
     for job in jobs[1:]:
         assert sbatch_options(files[job.script])["kill-on-invalid-dep"] == "yes"
     assert "kill-on-invalid-dep" not in sbatch_options(files[jobs[0].script])
@@ -220,13 +230,40 @@ def test_gpu_job_starts_torchrun_per_node(tmp_path):
                          *H100, f"run.dir={tmp_path / 'run'}", "parallel=llama2_7b_h100"]
 
 
+def test_cpu_cluster_spreads_processes_over_nodes(tmp_path):
+    """cluster.nodes=2 on a CPU cluster: a 2-process layout runs one process per node (srun, one
+    torchrun per node, c10d rendezvous on the first); a one-process stage stays on one node."""
+    from nemo_btx.orchestration.slurm import Target, build_jobs, render_files
+
+    rd = tmp_path / "run"
+    overrides = [f"run.dir={rd}", "baselines.which=[dense]", "run.layouts.mix=ep2", "run.layouts.finetune=ep2",
+                 "cluster.nodes=2"]
+    cfg = load(overrides)
+    jobs = {j.key: j for j in build_jobs(cfg, overrides)}
+    files = render_files(cfg, Target.for_launch(cfg, overrides, "config"), list(jobs.values()))
+    for stage in ("mix", "finetune"):
+        job = jobs[stage]
+        assert (job.nodes, job.procs_per_node, job.gpus_per_node) == (2, 1, 0)
+        opts = sbatch_options(files[job.script])
+        assert opts["nodes"] == "2" and opts["cpus-per-task"] == "1" and "gpus-per-node" not in opts
+        assert "2 processes (2 nodes, no GPU)" in files[job.script]
+        script = tmp_path / f"{stage}.sbatch"
+        script.write_text(files[job.script])
+        argv = run_script(script, tmp_path, SLURM_NNODES="2")
+        assert argv[4:11] == [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+                              "--rdzv-backend=c10d", f"--rdzv-endpoint=node001:{29500 + 4242 % 1000}"]
+    assert (jobs["seed"].nodes, jobs["seed"].procs_per_node) == (1, 1)
+    assert "torch.distributed.run" not in files[jobs["seed"].script]
+
+
 # ---------------------------------------------------------------- configuration errors
 
 @pytest.mark.parametrize("override,key", [
     ("cluster.time=2days", "cluster.time"),
     ("cluster.eval_time=1:00:00:00", "cluster.eval_time"),
     ("cluster.gpus_per_node=-1", "cluster.gpus_per_node"),
-    ("cluster.nodes=2", "cluster.nodes"),  # a CPU cluster: one node a job
+    ("cluster.nodes=0", "cluster.nodes"),
+    ("cluster.nodes=3", "cluster.nodes"),  # a CPU cluster: mix's 2 processes do not spread over 3
     ("cluster.partition='gpu a'", "cluster.partition"),
     ("cluster.env=[NCCL_DEBUG]", "cluster.env.0"),
     ("cluster.sbatch_args=[exclusive]", "cluster.sbatch_args.0"),
@@ -265,10 +302,14 @@ def test_dependencies_skip_complete_stages(tmp_path):
     from nemo_btx.orchestration.slurm import dependencies
 
     _, jobs, _ = h100_jobs(tmp_path)
-    assert dependencies(jobs, ["experts", "mix", "finetune", "baselines", "eval", "report"]) == {
+    assert dependencies(jobs, ["experts", "mix", "finetune", "baselines", "eval-finetune", "eval-dense",
+                               "report"]) == {
         "experts": [], "mix": ["experts"], "finetune": ["mix"], "baselines": ["finetune"],
-        "eval": ["finetune", "baselines"], "report": ["eval"]}  # (dense, not submitted: its parent)
-    assert dependencies(jobs, ["data", "eval", "report"]) == {"data": [], "eval": ["data"], "report": ["eval"]}
+        "eval-finetune": ["finetune"], "eval-dense": ["finetune"],  # (dense, not submitted: its parent)
+        # the report: the submitted evaluations, and the nearest submitted parents of the others
+        "report": ["experts", "baselines", "eval-finetune", "eval-dense"]}
+    assert dependencies(jobs, ["data", "eval-seed", "report"]) == {"data": [], "eval-seed": ["data"],
+                                                                  "report": ["data", "eval-seed"]}
     assert dependencies(jobs, ["tokenizer", "seed"]) == {"tokenizer": [], "seed": ["tokenizer"]}
 
 

@@ -36,15 +36,16 @@ def test_plan_orders_every_stage_and_model(tmp_path):
     # The tiny default's domains are one piece each: tokenized and merged by one unit per domain.
     assert names[:4] == ["tokenizer", "data:code", "data:math", "data:wiki"]
     names = names[3:]
-    assert names[:6] == ["data:wiki", "seed", "branch", "experts:code", "experts:math", "experts:wiki"]
-    assert names[6:9] == ["mix", "finetune", "upcycle"]
-    assert names[9:12] == ["baselines:upcycle-data", "baselines:upcycle-compute", "dense"]
-    assert names[12:] == ["eval:seed", "eval:expert-code", "eval:expert-math", "eval:expert-wiki",
-                          "eval:btm-top1", "eval:btm-top2", "eval:upcycle-data", "eval:upcycle-compute",
-                          "eval:dense", "eval:btx", "report"]
-    # Stage order is the order of STAGES (what --from relies on), and every unit comes after
-    # the units it needs.
-    order = [STAGES.index(u.stage) for u in units]
+    # Each model is evaluated right after the unit that makes it (BTM once every expert is
+    # there), not after every baseline.
+    assert names == ["data:wiki", "seed", "eval:seed", "branch", "experts:code", "eval:expert-code",
+                     "experts:math", "eval:expert-math", "experts:wiki", "eval:expert-wiki",
+                     "eval:btm-top1", "eval:btm-top2", "mix", "finetune", "eval:btx", "upcycle",
+                     "baselines:upcycle-data", "eval:upcycle-data", "baselines:upcycle-compute",
+                     "eval:upcycle-compute", "dense", "eval:dense", "report"]
+    # Apart from the evaluations, stage order is the order of STAGES, and every unit comes
+    # after the units it needs.
+    order = [STAGES.index(u.stage) for u in units if u.stage != "eval"]
     assert order == sorted(order)
     seen = set()
     for u in units:
@@ -91,9 +92,12 @@ def test_select_from_and_only(tmp_path):
     from nemo_btx.orchestration.units import plan, select
 
     units = plan(load([f"run.dir={tmp_path}"]))
-    assert [u.name for u in select(units, "finetune", None)][:3] == ["finetune", "upcycle",
-                                                                   "baselines:upcycle-data"]
-    assert select(units, "finetune", None)[-1].name == "report"
+    # --from STAGE: it and what follows in plan order, but not the evaluations of models made
+    # before it (the seed's, the experts'), which it does not change.
+    assert [u.name for u in select(units, "finetune", None)] == [
+        "finetune", "eval:btx", "upcycle", "baselines:upcycle-data", "eval:upcycle-data",
+        "baselines:upcycle-compute", "eval:upcycle-compute", "dense", "eval:dense", "report"]
+    assert [u.name for u in select(units, "eval", None)] == [u.name for u in units if u.stage in ("eval", "report")]
     assert [u.name for u in select(units, None, "eval:btx,report")] == ["eval:btx", "report"]
     assert [u.name for u in select(units, None, "experts")] == ["experts:code", "experts:math",
                                                               "experts:wiki"]
