@@ -470,6 +470,8 @@ class StageLayouts:
     dense: Optional[str] = None
     """The dense baseline (a dense model: typically the experts' layout)."""
     eval: Optional[str] = None
+    """Evaluation: each of the layout's processes is a data-parallel rank holding the whole
+    model at TP=PP=EP=1 (`dp2`: 2 processes); the layout's tp/pp/ep are not used."""
 
 
 @dataclass(kw_only=True)
@@ -513,7 +515,10 @@ class EvalConfig:
     perplexity_batches: Optional[int] = None
     """Validation batches per domain; null = data.eval_iters."""
     batch_size: int = 8
-    """Sequences per forward pass."""
+    """Sequences per forward pass when scoring (loglikelihood, perplexity)."""
+    gen_batch_size: Optional[int] = None
+    """Sequences generated together (greedy, over one KV cache); null = as many as half the free
+    memory holds (GPU memory, else RAM), at most 64."""
     max_gen_toks: Optional[int] = 128
     """Cap on generated tokens per request, below the tasks' own (GSM8K 256, HumanEval 1024);
     the tiny default keeps CPU evaluation short. null = the tasks' values (real runs)."""

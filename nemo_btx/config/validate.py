@@ -526,6 +526,7 @@ def check_eval(cfg: ExperimentConfig) -> None:
 
     e = cfg.eval
     _positive("eval.batch_size", e.batch_size)
+    _positive("eval.gen_batch_size", e.gen_batch_size, null=True)
     _positive("eval.limit", e.limit, null=True)
     _positive("eval.max_gen_toks", e.max_gen_toks, null=True)
     _positive("eval.perplexity_batches", e.perplexity_batches, null=True)

@@ -146,6 +146,7 @@ class Ensemble:
         self.top_k = top_k
         self.vocab_size = sizes.pop()
         self.max_length = min(e.max_length for e in experts)
+        self.device = getattr(self.experts[0], "device", torch.device("cpu"))
         p = torch.full((len(experts),), 1.0 / len(experts)) if prior is None else torch.as_tensor(prior, dtype=torch.float32)
         if p.shape != (len(experts),) or (p < 0).any() or float(p.sum()) <= 0:
             raise BtxError(f"prior must be {len(experts)} non-negative numbers, got {list(p.tolist())}")
@@ -171,6 +172,10 @@ class Ensemble:
 
     def decoder(self, prompts: torch.Tensor, max_new: int) -> "EnsembleDecoder":
         return EnsembleDecoder(self, prompts, max_new)
+
+    def decode_bytes_per_token(self) -> int:
+        # every expert keeps its own cache and materialises every prompt position's logits
+        return sum(e.decode_bytes_per_token() + 8 * e.vocab_size for e in self.experts)
 
 
 class EnsembleDecoder:
@@ -210,6 +215,15 @@ class EnsembleDecoder:
         self.current = torch.stack([d.step(tokens).cpu() for d in self.decoders])
         self.last = self._mix()
         return self.last
+
+    def keep(self, rows) -> None:
+        """Go on with only these rows (ascending), as `Decoder.keep`."""
+        for d in self.decoders:
+            d.keep(rows)
+        index = torch.as_tensor(rows, dtype=torch.long)
+        self.tokens, self.current, self.last = self.tokens[index], self.current[:, index], self.last[index]
+        if self.ens.router is None:
+            self.score = self.score[:, index]
 
 
 @torch.inference_mode()
@@ -270,7 +284,8 @@ class BTMLM(ScorerLM):
 
     def __init__(self, experts=None, top_k=2, run_dir: Optional[str] = None, prior: str = "uniform",
                  routing: str = "posterior", domains=None, batch_size=None, max_length=None,
-                 max_gen_toks: int = 256, precision: str = "auto", gen_cap=None, max_batch_size=None,
+                 max_gen_toks: int = 256, precision: str = "auto", gen_cap=None, gen_batch_size=None,
+                 max_batch_size=None,
                  device=None, **unused):
         from nemo_btx.evaluation.lm import load_run_tokenizer
         from nemo_btx.evaluation.model import CheckpointModel
@@ -304,7 +319,7 @@ class BTMLM(ScorerLM):
                            prior=[float(x) for x in _split_paths(prior)])
         self.ensemble = ens
         super().__init__(ens, tok, batch_size=batch_size, max_length=max_length, max_gen_toks=max_gen_toks,
-                         gen_cap=gen_cap)
+                         gen_cap=gen_cap, gen_batch_size=gen_batch_size)
 
     @staticmethod
     def _estimate(ens: Ensemble, run_dir, names) -> List[float]:

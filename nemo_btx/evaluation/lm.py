@@ -9,9 +9,10 @@ three lm-eval request types reduce to those two calls:
   summed log-prob and whether greedy decoding would have produced it;
 - `loglikelihood_rolling`: lm-eval's disjoint rolling windows of `max_length`, each scored
   like a loglikelihood request;
-- `generate_until`: greedy decoding over a KV cache, batched across prompts of different
-  lengths (rows still inside their prompt are fed their own prompt tokens, as megatron's
-  static text-generation controller does), stopped at any `until` string or end-of-document.
+- `generate_until`: greedy decoding over a KV cache, prompts sorted by length and batched
+  (as many as memory holds, or `gen_batch_size`; rows still inside their prompt are fed their
+  own prompt tokens, as megatron's static text-generation controller does), each row stopped
+  at its first `until` string, end-of-document or token limit and dropped from the batch.
 
 Every request is encoded as lm-eval's own `hf` backend encodes it for the same tokenizer, so a
 seed scores here what it scores there: the tokenizer's BOS in front of each context, rolling
@@ -33,12 +34,16 @@ from lm_eval.api.model import LM
 
 from nemo_btx import progress
 from nemo_btx.errors import BtxError
+from nemo_btx.evaluation.data_parallel import DataParallel
 from nemo_btx.evaluation.model import pad_right
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_MAX_GEN_TOKS = 256
+#: Generation batches are sized from memory up to this many sequences (measured on CPU:
+#: bench/eval_throughput.py; more rows per step stop paying once the matmuls are large).
+MAX_GEN_BATCH_SIZE = 64
 
 
 def _batch_size(value) -> int:
@@ -52,11 +57,13 @@ def _batch_size(value) -> int:
     return int(value)
 
 
-class ScorerLM(LM):
-    """An lm-eval LM over a scorer and the run's tokenizer."""
+class ScorerLM(DataParallel, LM):
+    """An lm-eval LM over a scorer and the run's tokenizer; under torchrun, one data-parallel
+    rank of the evaluation (`data_parallel.py`)."""
 
     def __init__(self, scorer, tokenizer, *, batch_size=None, max_length: Optional[int] = None,
-                 max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, gen_cap: Optional[int] = None):
+                 max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, gen_cap: Optional[int] = None,
+                 gen_batch_size=None):
         super().__init__()
         self.scorer = scorer
         self.tok = tokenizer
@@ -65,12 +72,15 @@ class ScorerLM(LM):
         self.max_gen_toks = int(max_gen_toks)
         #: upper bound on any task's max_gen_toks (small models on CPU: keep evaluation short)
         self.gen_cap = int(gen_cap) if gen_cap else None
+        #: sequences decoded together; None = from free memory (`generation_batch_size`)
+        self.gen_batch_size = int(gen_batch_size) if gen_batch_size not in (None, "", "None") else None
         self.eod_id = tokenizer.eod_id
         self.eod_text = tokenizer.eod_token
         #: lm-eval's `prefix_token_id`: what an empty context and the first rolling window
         #: condition on
         self.prefix_id = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eod_id
         self._warned_sampling = False
+        self._init_data_parallel(getattr(scorer, "device", torch.device("cpu")))
 
     # ------------------------------------------------------------------------ encoding
 
@@ -170,26 +180,46 @@ class ScorerLM(LM):
     # ------------------------------------------------------------------------ generation
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> List[str]:
+        """Greedy continuations, batched: requests with the same stop strings and token limit
+        are sorted by prompt length (a batch's prompts are then nearly equal, and the longest
+        batch runs first, so a batch size memory cannot hold fails at once), identical
+        requests (lm-eval pads ranks with copies) are generated once."""
         groups: Dict[Tuple, List[int]] = {}
         settings = []
         for i, req in enumerate(requests):
             context, kwargs = req.args
             until, max_new = self._gen_settings(dict(kwargs or {}))
-            settings.append((self._encode(context), until, max_new))
+            settings.append((self._prompt(self._encode(context), max_new), until, max_new))
             groups.setdefault((tuple(until), max_new), []).append(i)
         out: List[Optional[str]] = [None] * len(requests)
         reporter, done = progress.Reporter("generations", len(requests)), 0
         for (until, max_new), members in groups.items():
-            members.sort(key=lambda i: -len(settings[i][0]))
-            for start in range(0, len(members), self.batch_size):
-                idx = members[start:start + self.batch_size]
-                texts = self.generate([settings[i][0] for i in idx], list(until), max_new)
-                for i, text in zip(idx, texts):
-                    out[i] = text
-                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
-                done += len(idx)
+            unique: Dict[Tuple[int, ...], List[int]] = {}
+            for i in members:
+                unique.setdefault(tuple(settings[i][0]), []).append(i)
+            prompts = sorted(unique, key=len, reverse=True)
+            batch_size = self.generation_batch_size(len(prompts[0]) + max_new)
+            for start in range(0, len(prompts), batch_size):
+                batch = prompts[start:start + batch_size]
+                texts = self.generate([list(p) for p in batch], list(until), max_new)
+                for prompt, text in zip(batch, texts):
+                    for i in unique[prompt]:
+                        out[i] = text
+                        self.cache_hook.add_partial("generate_until", requests[i].args, text)
+                        done += 1
                 reporter.update(done)
         return out  # type: ignore[return-value]
+
+    def generation_batch_size(self, length: int) -> int:
+        """Sequences decoded together: `gen_batch_size` when set, else as many as half the free
+        memory holds at `length` tokens each (`decode_bytes_per_token`), at most
+        MAX_GEN_BATCH_SIZE."""
+        if self.gen_batch_size:
+            return self.gen_batch_size
+        from nemo_btx.evaluation.model import free_memory_bytes
+
+        per_row = self.scorer.decode_bytes_per_token() * length
+        return max(1, min(MAX_GEN_BATCH_SIZE, free_memory_bytes(self.device) // 2 // per_row))
 
     def _gen_settings(self, kwargs: dict) -> Tuple[List[str], int]:
         until = kwargs.pop("until", None) or []
@@ -202,38 +232,62 @@ class ScorerLM(LM):
             self._warned_sampling = True
         return until, max_new
 
+    def _prompt(self, ids: List[int], max_new: int) -> List[int]:
+        """The prompt a generation conditions on: the BOS (else end-of-document) when empty, its
+        tail when prompt and generation would not fit in the context window."""
+        keep = max(self.max_length - max_new, self.max_length // 2, 1)
+        return (ids or [self.prefix_id])[-keep:]
+
     def generate(self, prompts: List[List[int]], until: List[str], max_new: int) -> List[str]:
         """Greedy continuations of token prompts, each cut at its first stop string."""
-        keep = max(self.max_length - max_new, self.max_length // 2, 1)
-        prompts = [(p or [self.prefix_id])[-keep:] for p in prompts]
+        ids = self.generate_ids([self._prompt(p, max_new) for p in prompts], until, max_new)
+        return [self._cut(self.tok.decode(g), until) for g in ids]
+
+    def generate_ids(self, prompts: List[List[int]], until: List[str], max_new: int) -> List[List[int]]:
+        """Greedy token ids after each prompt, in one batch over a KV cache: up to max_new, the
+        end-of-document (not included) or the token that completes a stop string.
+
+        The prompts are encoded together up to the shortest one's length; then every step
+        feeds each row its own next prompt token while it is still inside its prompt (as
+        megatron's static text-generation controller does) and its greedy choice after. A row
+        that finishes leaves the batch, so the rest decode without it.
+        """
         shortest = min(len(p) for p in prompts)
         longest = max(len(p) for p in prompts)
         dec = self.scorer.decoder(pad_right([p[:shortest] for p in prompts], self.eod_id),
                                   longest - shortest + max_new)
         generated: List[List[int]] = [[] for _ in prompts]
-        texts = [""] * len(prompts)
-        done = [False] * len(prompts)
-        logp = dec.last
+        rows = list(range(len(prompts)))  # prompts still decoding, in the decoder's row order
         t = shortest
         while True:
-            nxt = logp.argmax(-1).cpu()
-            for i, p in enumerate(prompts):
+            nxt = dec.last.argmax(-1).cpu()
+            going = []
+            for j, i in enumerate(rows):
+                p = prompts[i]
                 if t < len(p):
-                    nxt[i] = p[t]  # still inside this row's prompt
-                elif not done[i]:
-                    tok = int(nxt[i])
-                    if tok == self.eod_id:
-                        done[i] = True
-                        continue
-                    generated[i].append(tok)
-                    texts[i] = self.tok.decode(generated[i])
-                    if any(s in texts[i] for s in until) or len(generated[i]) >= max_new:
-                        done[i] = True
-            if all(done):
+                    nxt[j] = p[t]  # still inside this row's prompt
+                    going.append(j)
+                    continue
+                tok = int(nxt[j])
+                if tok == self.eod_id:
+                    continue
+                generated[i].append(tok)
+                if len(generated[i]) < max_new and not self._stopped(generated[i], until):
+                    going.append(j)
+            if not going:
                 break
-            logp = dec.step(nxt)
+            if len(going) < len(rows):
+                dec.keep(going)
+                rows, nxt = [rows[j] for j in going], nxt[going]
+            dec.step(nxt)
             t += 1
-        return [self._cut(text, until) for text in texts]
+        return generated
+
+    def _stopped(self, ids: List[int], until: List[str]) -> bool:
+        if not until:
+            return False
+        text = self.tok.decode(ids)
+        return any(s in text for s in until)
 
     @staticmethod
     def _cut(text: str, until: List[str]) -> str:
@@ -252,11 +306,13 @@ class NemoBtxLM(ScorerLM):
             directory of the checkpoint that has one.
         max_length: context window; default: the model's trained sequence length.
         precision: auto | fp32 | bf16.
+        gen_batch_size: sequences generated together; default: from free memory.
     """
 
     def __init__(self, checkpoint: str, run_dir: Optional[str] = None, batch_size=None,
                  max_length: Optional[int] = None, max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
-                 precision: str = "auto", gen_cap: Optional[int] = None, max_batch_size=None,
+                 precision: str = "auto", gen_cap: Optional[int] = None, gen_batch_size=None,
+                 max_batch_size=None,
                  device=None, **unused):
         from nemo_btx.evaluation.model import CheckpointModel
 
@@ -264,7 +320,8 @@ class NemoBtxLM(ScorerLM):
             log.warning("nemo-btx: ignoring model_args %s", sorted(unused))
         scorer = CheckpointModel(checkpoint, precision=precision)
         super().__init__(scorer, load_run_tokenizer(checkpoint, run_dir), batch_size=batch_size,
-                         max_length=max_length, max_gen_toks=max_gen_toks, gen_cap=gen_cap)
+                         max_length=max_length, max_gen_toks=max_gen_toks, gen_cap=gen_cap,
+                         gen_batch_size=gen_batch_size)
 
 
 def load_run_tokenizer(checkpoint, run_dir: Optional[str]):

@@ -85,20 +85,27 @@ def domain_perplexity(scorer, cfg, run_dir, domains: Sequence[str], num_batches:
 
     The batches are the training loop's validation batches (`validation_batches`: same data
     seed, same windows), so for a dense checkpoint the loss equals the `valid_loss` its training
-    stage recorded, and every model of the run is scored on the same tokens.
+    stage recorded, and every model of the run is scored on the same tokens. Under data
+    parallelism each rank scores a share of the micro-batches and the sums add up in the order
+    one process adds them.
     """
     from nemo_btx.data.loader import validation_batches
+    from nemo_btx.evaluation.data_parallel import map_in_order
 
     mb = micro_batch_size or cfg.train.micro_batch_size
     out = {}
     for domain in domains:
+        rows = [r for batch in validation_batches(cfg, run_dir, domain, num_batches) for r in batch.split(mb)]
+
+        def negative_logprob(tokens):
+            logp = scorer.logprobs(tokens[:, :-1])
+            target = tokens[:, 1:].to(logp.device).unsqueeze(-1)
+            return -float(logp.gather(-1, target).sum()), target.numel()
+
         total, count = 0.0, 0
-        for batch in validation_batches(cfg, run_dir, domain, num_batches):
-            for rows in batch.split(mb):
-                logp = scorer.logprobs(rows[:, :-1])
-                target = rows[:, 1:].to(logp.device).unsqueeze(-1)
-                total -= float(logp.gather(-1, target).sum())
-                count += target.numel()
+        for nll, n in map_in_order(negative_logprob, rows):
+            total += nll
+            count += n
         loss = total / count
         out[domain] = {"loss": loss, "perplexity": math.exp(loss), "tokens": count}
         log.info("perplexity %s: %.3f (%d tokens)", domain, math.exp(loss), count)

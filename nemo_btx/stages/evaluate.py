@@ -90,8 +90,19 @@ def run(cfg: ExperimentConfig) -> None:
     names = available(cfg) if cfg.eval.model == "all" else [cfg.eval.model]
     if not names:
         raise BtxError(f"{cfg.run.dir}: no complete model to evaluate yet")
-    for name in names:
-        evaluate_model(cfg, name)
+    p = cfg.parallel
+    if max(p.tp, p.pp, p.ep, p.cp) > 1:
+        log.warning("eval: parallel tp=%d pp=%d ep=%d cp=%d not used: every process is a "
+                    "data-parallel rank holding the whole model", p.tp, p.pp, p.ep, p.cp)
+    try:
+        for name in names:
+            evaluate_model(cfg, name)
+    finally:
+        # Once, after every model: the models share one runtime (under torchrun a second
+        # init of the process group hangs in the rendezvous; measured).
+        from nemo_btx.runtime.distributed import shutdown
+
+        shutdown()
 
 
 def _existing(out: Path, identity: str) -> Tuple[bool, Optional[str]]:
@@ -108,8 +119,6 @@ def _existing(out: Path, identity: str) -> Tuple[bool, Optional[str]]:
 
 
 def evaluate_model(cfg: ExperimentConfig, name: str) -> Optional[Path]:
-    from nemo_btx.artifacts import software_versions, write_json_atomic
-
     paths = checkpoints_of(cfg, name)
     identity = identity_of(cfg, name, paths)
     out = output_dir(cfg, name, paths, identity) / RESULTS
@@ -123,39 +132,44 @@ def evaluate_model(cfg: ExperimentConfig, name: str) -> Optional[Path]:
     start = time.monotonic()
     rd = RunDir.of(cfg)
     lm = build_lm(cfg, name, paths)
-    try:
-        results = {}
-        tasks, skipped = runnable_tasks(cfg)
-        if tasks:
-            from nemo_btx.evaluation.runner import run_tasks
+    results = {}
+    tasks, skipped = runnable_tasks(cfg)
+    if tasks:
+        from nemo_btx.evaluation.runner import run_tasks
 
-            results = run_tasks(lm, tasks, limit=cfg.eval.limit, data_dir=cfg.eval.data_dir)
-        perplexity = None
-        if cfg.eval.perplexity:
-            from nemo_btx.evaluation.runner import domain_perplexity
+        # Under torchrun every rank scores its share; rank 0 alone gets the results.
+        results = run_tasks(lm, tasks, limit=cfg.eval.limit, data_dir=cfg.eval.data_dir)
+    perplexity = None
+    if cfg.eval.perplexity:
+        from nemo_btx.evaluation.runner import domain_perplexity
 
-            eval_cfg = _with_model_shape(cfg, lm)
-            perplexity = domain_perplexity(lm.scorer, eval_cfg, rd.root, domain_names(cfg),
-                                           cfg.eval.perplexity_batches or cfg.data.eval_iters)
-    finally:
-        from nemo_btx.runtime.distributed import shutdown
+        eval_cfg = _with_model_shape(cfg, lm)
+        perplexity = domain_perplexity(lm.scorer, eval_cfg, rd.root, domain_names(cfg),
+                                       cfg.eval.perplexity_batches or cfg.data.eval_iters)
+    if lm.rank == 0:
+        _write(cfg, name, paths, identity, out, results, perplexity, tasks, skipped, start, lm.world_size)
+    lm.barrier()  # the other ranks go on once the results are there
+    return out
 
-        shutdown()
+
+def _write(cfg, name, paths, identity, out, results, perplexity, tasks, skipped, start, ranks) -> None:
+    from nemo_btx.artifacts import software_versions, write_json_atomic
+    from nemo_btx.evaluation.runner import summary
+
+    results = results or {}
     results["nemo_btx"] = {
         "model": name, "checkpoints": [str(p) for p in paths], "identity": identity,
         "perplexity": perplexity, "limit": cfg.eval.limit, "tasks": list(tasks), "skipped_tasks": skipped,
-        "seconds": time.monotonic() - start,
+        "seconds": time.monotonic() - start, "data_parallel_ranks": ranks,
         "btm": {"prior": cfg.eval.btm_prior, "routing": cfg.eval.btm_routing} if name in BTM_MODELS else None,
         "versions": software_versions(), "complete": True}
     write_json_atomic(out, results)
-    from nemo_btx.evaluation.runner import summary
-
     for line in summary(results):
         log.info("eval %s: %s", name, line)
     if perplexity:
         log.info("eval %s: perplexity %s", name, {d: round(v["perplexity"], 3) for d, v in perplexity.items()})
-    log.info("eval %s: wrote %s (%.0f s)", name, out, time.monotonic() - start)
-    return out
+    log.info("eval %s: wrote %s (%.0f s, %d data-parallel rank%s)", name, out, time.monotonic() - start,
+             ranks, "s" if ranks > 1 else "")
 
 
 def runnable_tasks(cfg: ExperimentConfig):
@@ -179,7 +193,8 @@ def _with_model_shape(cfg: ExperimentConfig, lm) -> ExperimentConfig:
 
 def build_lm(cfg: ExperimentConfig, name: str, paths: List[Path]):
     """The lm-eval model for a resolved name (one checkpoint, or the BTM ensemble)."""
-    common = dict(batch_size=cfg.eval.batch_size, gen_cap=cfg.eval.max_gen_toks)
+    common = dict(batch_size=cfg.eval.batch_size, gen_cap=cfg.eval.max_gen_toks,
+                  gen_batch_size=cfg.eval.gen_batch_size)
     root = str(RunDir.of(cfg).root)
     if name in BTM_MODELS:
         from nemo_btx.evaluation.btm import BTMLM

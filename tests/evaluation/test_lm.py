@@ -135,3 +135,36 @@ def test_stop_sequences_and_max_gen_toks(seed_lm):
     assert stop not in cut
     (short,) = seed_lm.generate_until([req("generate_until", (prompt, {"until": [], "max_gen_toks": 3}))])
     assert short == seed_lm.tok.decode(ids[:3])
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("which", ["seed", "moe", "btm"])
+def test_batched_generation_equals_one_at_a_time(which, seed_lm, moe_lm, eval_run):  # noqa: F811
+    """Prompts of different lengths in one batch, rows leaving it at their own stop string,
+    end-of-document or token limit, the KV cache reused across batches: the same token ids as
+    generating each prompt alone."""
+    if which == "btm":
+        from nemo_btx.evaluation.btm import BTMLM
+
+        lm = BTMLM(run_dir=str(eval_run), top_k=2)
+    else:
+        lm = seed_lm if which == "seed" else moe_lm
+    texts = ["def f(x):\n", "Question: 2 + 2 =", "a much longer prompt " * 5, "The city of",
+             "import os\nimport", "x", "12 + 7 =", ""]
+    prompts = [lm._prompt(lm._encode(t), 12) for t in texts]
+    for until in ([], ["e", " the"]):
+        alone = [lm.generate_ids([p], until, 12)[0] for p in prompts]
+        together = lm.generate_ids(prompts, until, 12)
+        assert together == alone, until
+    lengths = {len(g) for g in together}
+    assert len(lengths) > 1, together  # rows did stop at different steps
+    # through lm-eval's entry point: sorted, batched from memory, identical requests once
+    reqs = [req("generate_until", (t, {"until": u, "max_gen_toks": 10})) for t in texts for u in (["\n"], ["e"])]
+    lm.gen_batch_size = None
+    batched = lm.generate_until(reqs + reqs[:3])
+    lm.gen_batch_size = 1
+    try:
+        single = lm.generate_until(reqs)
+    finally:
+        lm.gen_batch_size = None
+    assert batched == single + single[:3]
