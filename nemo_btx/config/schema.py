@@ -558,7 +558,9 @@ class ClusterConfig:
     nodes: int = 1
     """Nodes of each GPU training job whose layout leaves parallel.world_size null: its world
     size is nodes x gpus_per_node (data parallel grows with it). A layout that sets
-    parallel.world_size gets world_size / gpus_per_node nodes (per-stage sizes: run.layouts)."""
+    parallel.world_size gets world_size / gpus_per_node nodes (per-stage sizes: run.layouts).
+    On a CPU cluster (gpus_per_node=0): every job of more than one process spreads its
+    processes evenly over this many nodes (srun, one torchrun per node, gloo across hosts)."""
     data_cpus: Optional[int] = None
     """CPUs of each data job (tokenizer, tokenize units, merges), whose worker processes tokenize
     one chunk per core; null = cpus_per_process x gpus_per_node (a node's worth), or
