@@ -118,8 +118,9 @@ InactiveLimit=0
 KillWait=10
 MinJobAge=600
 SlurmctldTimeout=30
-# A node whose slurmd stops answering is DOWN after this long (its jobs: NODE_FAIL).
-SlurmdTimeout=30
+# A node whose slurmd stops answering is DOWN after this long (its jobs end NODE_FAIL, and
+# Slurm requeues those submitted with --requeue).
+SlurmdTimeout=15
 EOF
   if [ "$n" = 1 ]; then
     echo "NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$ncpu RealMemory=$mem State=UNKNOWN" >> "$CONF"

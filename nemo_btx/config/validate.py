@@ -547,9 +547,6 @@ def check_cluster(cfg: ExperimentConfig) -> None:
         raise ConfigError("cluster.gpus_per_node", c.gpus_per_node, "must be >= 0 (0 = a CPU cluster)")
     _positive("cluster.nodes", c.nodes)
     _positive("cluster.data_cpus", c.data_cpus, null=True)
-    if c.gpus_per_node == 0 and c.nodes != 1:
-        raise ConfigError("cluster.nodes", c.nodes,
-                          "a CPU cluster (cluster.gpus_per_node=0) runs every job on one node")
     for key in ("time", "eval_time", "cpu_time"):
         value = getattr(c, key)
         if value is not None and not _TIME.match(str(value)):

@@ -33,6 +33,8 @@ class Runtime:
     backend: str
     dp_size: int
     cpu_redirections: tuple
+    hosts: tuple = ()
+    """The host name of every rank, by rank (gathered at start-up; logged on rank 0)."""
 
     @property
     def is_cpu(self) -> bool:
@@ -117,8 +119,12 @@ def init_runtime(cfg: ExperimentConfig) -> Runtime:
     dp_size = parallel_state.get_data_parallel_world_size()
     log.info("runtime: %s world=%d tp=%d pp=%d vp=%s cp=%d ep=%d etp=%d dp=%d device=%s",
              backend, world_size, p.tp, p.pp, vp, p.cp, p.ep, etp_of(p), dp_size, device)
+    hosts = [socket.gethostname()] * world_size
+    if world_size > 1:  # which machine each rank runs on: the Slurm log shows a job's spread
+        torch.distributed.all_gather_object(hosts, socket.gethostname())
+        log.info("runtime: rank hosts: %s", " ".join(f"{r}={h}" for r, h in enumerate(hosts)))
     return Runtime(device=device, rank=rank, world_size=world_size, local_rank=local_rank,
-                   backend=backend, dp_size=dp_size, cpu_redirections=redirections)
+                   backend=backend, dp_size=dp_size, cpu_redirections=redirections, hosts=tuple(hosts))
 
 
 def seed_everything(seed: int) -> None:
