@@ -1,8 +1,15 @@
-"""`nemo-btx launch` on a real one-node Slurm cluster (slurm/local_cluster.sh) on loopback.
+"""`nemo-btx launch` on a real two-node Slurm cluster (slurm/local_cluster.sh --nodes 2): each
+node's slurmd, and every job process on it, runs in its own network namespace with its own
+address on a private bridge, so a 2-node job's torchrun rendezvous and gloo cross a network
+interface between two hosts.
 
 The tiny experiment's chain runs as Slurm jobs: the expert array tasks side by side, every job
-after its parents; a failed expert task cancels what depends on it, and launching again
-retrains that expert alone; a job told to stop before its time limit requeues and resumes.
+after its parents. On one node per job it is the reference; over two nodes (experts, mix and
+finetune one rank per node) it ends with the same losses, weights and report tables, through a
+failed expert task (launching again retrains that expert alone), a preempted 2-node job
+(requeued, resumed) and a dead node (the job fails, the chain stops; once the node is back a
+relaunch resumes from the last complete checkpoint). A job told to stop before its time limit
+requeues and resumes.
 """
 
 import json
@@ -16,13 +23,17 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import REPO, SMALL_EXPERIMENT, clean_env, missing_system_package
 
 pytestmark = pytest.mark.slow
 
-# The small experiment with one baseline and perplexity-only evaluation (8 eval tasks).
-CHAIN = [*SMALL_EXPERIMENT, "baselines.which=[dense]", "eval.tasks=[]"]
+# The small experiment with one baseline and perplexity-only evaluation (8 eval tasks); the
+# experts, mix and finetune at 2 processes (one per node with cluster.nodes=2).
+CHAIN = [*SMALL_EXPERIMENT, "baselines.which=[dense]", "eval.tasks=[]", "run.layouts.experts=dp2"]
+TWO_NODES = "cluster.nodes=2"
+SCRIPT = str(REPO / "slurm" / "local_cluster.sh")
 ACTIVE = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED")
 
 
@@ -47,18 +58,32 @@ def slurm(tmp_path_factory):
         missing_system_package(f"Slurm is not installed ({', '.join(missing)} not found)")
     if os.geteuid() != 0:
         pytest.skip("the local Slurm cluster's slurmd runs as root")
+    missing = [b for b in ("ip", "unshare", "nsenter") if shutil.which(b) is None]
+    if missing:
+        missing_system_package(f"the two-node cluster needs {', '.join(missing)} (iproute2, util-linux)")
     state = tmp_path_factory.mktemp("slurm")
     # BTX_SLURM_INSTALL=0: the script never installs here (the Makefile does).
     env = clean_env(BTX_SLURM_DIR=str(state), BTX_SLURM_PORT=str(_free_port_pair()),
                     BTX_SLURM_INSTALL="0")
-    script = str(REPO / "slurm" / "local_cluster.sh")
-    proc = subprocess.run(["bash", script, "start"], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(["bash", SCRIPT, "start", "--nodes", "2"], env=env, capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, f"local cluster did not start:\n{proc.stdout}\n{proc.stderr}"
     env["SLURM_CONF"] = str(state / "slurm.conf")
+    tag = f"btx{env['BTX_SLURM_PORT']}"
     try:
         yield env
     finally:
-        subprocess.run(["bash", script, "stop"], env=env, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(["bash", SCRIPT, "stop"], env=env, capture_output=True, text=True, timeout=120)
+        left = [line for line in subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout.splitlines()
+                + subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.splitlines()
+                if tag in line]
+        assert proc.returncode == 0 and not left, f"stop left {left}:\n{proc.stderr}"
+
+
+def cluster(env, *args):
+    proc = subprocess.run(["bash", SCRIPT, *args], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stderr
 
 
 def launch(env, rd, *extra, check=True):
@@ -117,15 +142,32 @@ def log_tail(rd) -> str:
     return "\n".join(f"--- {p.name}\n{p.read_text()[-1200:]}" for p in sorted((Path(rd) / "slurm" / "logs").glob("*")))
 
 
-def test_chain_runs_on_local_slurm(slurm, tmp_path):
-    from nemo_btx.config import load_config
-    from nemo_btx.orchestration.units import plan
-
-    rd = tmp_path / "run"
+@pytest.fixture(scope="module")
+def one_node_chain(slurm, tmp_path_factory):
+    """The chain with every job on one node (cluster.nodes=1): the reference run."""
+    rd = tmp_path_factory.mktemp("one-node") / "run"
     start = time.monotonic()
     launch(slurm, rd)
     wait_for(slurm, rd)
-    took = time.monotonic() - start
+    return rd, time.monotonic() - start
+
+
+def test_two_nodes_are_two_hosts(slurm, tmp_path):
+    """srun --nodes=2 starts one task per node, each on its own host and address."""
+    out = subprocess.run(["srun", "--nodes=2", "--ntasks-per-node=1", "bash", "-c",
+                          'echo "$(hostname) $(getent hosts "$(hostname)" | cut -d" " -f1) $(ip -o -4 addr | wc -l)"'],
+                         env=slurm, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    rows = sorted(line.split() for line in out.stdout.splitlines())
+    assert [r[0] for r in rows] == ["btxn1", "btxn2"] and rows[0][1] != rows[1][1], rows
+    assert all(int(r[2]) == 2 for r in rows), rows  # loopback and the node's own veth, nothing else
+
+
+def test_chain_runs_on_local_slurm(slurm, one_node_chain):
+    from nemo_btx.config import load_config
+    from nemo_btx.orchestration.units import plan
+
+    rd, took = one_node_chain
     graph = plan(load_config([f"run.dir={rd}", *CHAIN]))
     units = [u.name for u in graph]
     span = spans(events(rd))
@@ -196,7 +238,87 @@ def test_failed_tokenize_task_is_redone_alone(slurm, tmp_path):
         assert (rd / "data" / "big" / name).read_bytes() == (ref / "data" / "big" / name).read_bytes(), name
 
 
-def test_failed_expert_is_retrained_alone(slurm, tmp_path):
+def metrics(stage_dir) -> dict:
+    """step -> loss of a training stage (metrics.jsonl, cut back on resume)."""
+    rows = [json.loads(line) for line in (Path(stage_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r and "step" in r}
+
+
+def shard_ranks(ckpt) -> set:
+    """The ranks whose shard files (__<rank>_<n>.distcp) a checkpoint holds."""
+    return {int(f.name.split("_")[2]) for f in Path(ckpt).glob("__*_*.distcp")}
+
+
+def check_checkpoints(root, ranks=frozenset({0, 1})):
+    """Every step-N directory is complete (marker, every shard the metadata names, one from each
+    rank); a temporary left by a killed save has no marker, so nothing loads it."""
+    from nemo_btx.training.checkpoint import MARKER, complete_checkpoints, verify_files
+
+    found = sorted(p for p in Path(root).iterdir() if p.name.startswith("step-"))
+    assert found == complete_checkpoints(root), found
+    for ckpt in found:
+        verify_files(ckpt)
+        assert shard_ranks(ckpt) == ranks, (ckpt, sorted(os.listdir(ckpt)))
+    for tmp in Path(root).glob(".*.tmp"):
+        assert not (tmp / MARKER).exists(), tmp
+    return found
+
+
+def rank_hosts(rd, job_glob) -> list:
+    """The `runtime: rank hosts: 0=btxn1 1=btxn2` lines of a job's Slurm logs."""
+    out = []
+    for log in sorted((Path(rd) / "slurm" / "logs").glob(job_glob)):
+        for line in log.read_text().splitlines():
+            if "runtime: rank hosts:" in line:
+                out.append(line.split("rank hosts:")[1].split())
+    return out
+
+
+def same_results(rd, ref):
+    """Losses of every training stage, final weights and the report's tables equal `ref`'s."""
+    from nemo_btx.training.checkpoint import read_tensors
+
+    stages = ["seed", "experts/code", "experts/math", "experts/wiki", "btx/finetuned", "baselines/dense"]
+    for stage in stages:
+        assert metrics(rd / stage) == metrics(ref / stage), stage
+    for model in [*stages, "btx/mixed"]:
+        weights = rd / model if model == "btx/mixed" else rd / model / "weights"
+        a, b = read_tensors(weights), read_tensors(ref / weights.relative_to(rd))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), model
+    tables = [json.loads((d / "report" / "report.json").read_text())["tables"] for d in (rd, ref)]
+    for name in ("results", "aggregate", "domains", "data"):  # compute/ledger: measured times
+        assert tables[0][name] == tables[1][name], name
+
+
+def resumed_from(rd, log_name):
+    """The checkpoint directory name a job's log says training resumed from (None: it did not)."""
+    for line in (Path(rd) / "slurm" / "logs" / log_name).read_text().splitlines():
+        if ": resumed from " in line:
+            return Path(line.split(": resumed from ")[1].split(" (step")[0]).name
+    return None
+
+
+def cancelled(env, job_id) -> bool:
+    """Slurm cancelled the job because a job it depends on failed."""
+    out = subprocess.run(["scontrol", "show", "job", job_id], env=env, capture_output=True, text=True,
+                         timeout=60).stdout
+    return "JobState=CANCELLED" in out and "DependencyNeverSatisfied" in out
+
+
+def wait_path(rd, glob, timeout=180):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        hits = sorted(Path(rd).glob(glob))
+        if hits:
+            return hits[0]
+        time.sleep(0.02)
+    pytest.fail(f"{glob} did not appear in {timeout} s\n{log_tail(rd)}")
+
+
+def test_two_node_chain_survives_failures(slurm, one_node_chain, tmp_path):
+    """The chain with experts, mix and finetune as 2-node jobs (one rank per node), through a
+    failed expert task, a preempted 2-node job and a dead node, ends as the one-node run did."""
+    ref, _ = one_node_chain
     rd = tmp_path / "run"
     flag = tmp_path / "fail-math"
     hook = tmp_path / "hook.sh"
@@ -205,12 +327,30 @@ def test_failed_expert_is_retrained_alone(slurm, tmp_path):
                     f'&& [ -e {flag} ]; then echo "injected failure" >&2; exit 3; fi\n')
     flag.touch()
     setup = f"cluster.setup=['. {hook}']"
-    launch(slurm, rd, setup)
+    start = time.monotonic()
+
+    # 1. A failed expert task, and a preemption (TERM) of the code expert's 2-node job.
+    launch(slurm, rd, TWO_NODES, setup)
     first = jobs_of(rd)
     # A second chain in the same run directory is refused while the first is queued.
-    proc = launch(slurm, rd, setup, check=False)
+    proc = launch(slurm, rd, TWO_NODES, setup, check=False)
     assert proc.returncode == 1 and "still queued or running" in proc.stderr, proc.stderr
+    wait_path(rd, "experts/code/checkpoints/step-000002")
+    subprocess.run(["scancel", "--signal=TERM", "--batch", f"{first['experts']['id']}_0"], env=slurm,
+                   capture_output=True, timeout=60)
+    wait_for(slurm, rd, timeout=120, until=lambda: any(
+        e["unit"] == "experts:code" and e["event"] == "requeue" for e in events(rd)))
+    # Every rank checkpointed at the stop step (the marker is written once all shards are in).
+    stopped = check_checkpoints(rd / "experts" / "code" / "checkpoints")[-1]
     wait_for(slurm, rd)
+    # The ranks exit 75 after the checkpoint; torchrun reports a failed child (1) and srun, which
+    # got the TERM too, 143: the job script requeues because it was told to stop.
+    code = [(e["event"], e["rc"] != 0 if e["rc"] is not None else None, e["restart"])
+            for e in events(rd) if e["unit"] == "experts:code"]
+    assert code == [("start", None, 0), ("requeue", True, 0), ("start", None, 1), ("end", False, 1)], log_tail(rd)
+    log = (rd / "slurm" / "logs" / f"btx-experts-{first['experts']['id']}_0.out").read_text()
+    assert f"stop requested: checkpoint at step {int(stopped.name[len('step-'):])} saved" in log, log[-3000:]
+    assert resumed_from(rd, f"btx-experts-{first['experts']['id']}_0.out") == stopped.name, log_tail(rd)
     experts = {d: rd / "experts" / d / "manifest.json" for d in ("code", "math", "wiki")}
     assert experts["code"].is_file() and experts["wiki"].is_file() and not experts["math"].is_file()
     # Nothing downstream of the experts started, Slurm cancelled it (dependency never
@@ -220,25 +360,54 @@ def test_failed_expert_is_retrained_alone(slurm, tmp_path):
     assert {e["unit"].split(":")[0] for e in events(rd)} == {"tokenizer", "data", "seed", "branch", "experts",
                                                               "eval", "report"}
     for job in ("mix", "finetune", "dense", "eval-experts", "eval-finetune", "eval-dense"):
-        out = subprocess.run(["scontrol", "show", "job", first[job]["id"]], env=slurm, capture_output=True,
-                             text=True, timeout=60).stdout
-        assert "JobState=CANCELLED" in out and "DependencyNeverSatisfied" in out, out
+        assert cancelled(slurm, first[job]["id"]), job
     report = json.loads((rd / "report" / "report.json").read_text())
     assert any("btx" in m for m in report["missing"]), report["missing"]
     mtimes = {d: experts[d].stat().st_mtime_ns for d in ("code", "wiki")}
     n_events = len(events(rd))
 
+    # 2. The failed expert is retrained alone; node 2 dies while finetune (2 nodes) saves a
+    # checkpoint. Without --requeue the job fails (NODE_FAIL) and the chain stops there.
     flag.unlink()
-    launch(slurm, rd, setup)
+    launch(slurm, rd, TWO_NODES, setup, "cluster.requeue=false")
     second = jobs_of(rd)
     assert second["experts"]["array"] == "1" and second["experts"]["units"] == ["experts:math"]
     assert not {"data", "seed", "branch", "eval-seed"} & set(second)
-    wait_for(slurm, rd)
-    assert (rd / "report" / "report.json").is_file(), log_tail(rd)
+    checkpoints = rd / "btx" / "finetuned" / "checkpoints"
+    wait_path(rd, "btx/finetuned/checkpoints/step-000002")
+    wait_path(rd, "btx/finetuned/checkpoints/.step-*.tmp")  # the next save has begun
+    cluster(slurm, "kill-node", "2")
+    wait_for(slurm, rd, timeout=240)
+    out = subprocess.run(["scontrol", "show", "job", second["finetune"]["id"]], env=slurm, capture_output=True,
+                         text=True, timeout=60).stdout
+    assert "JobState=NODE_FAIL" in out, out
+    assert cancelled(slurm, second["eval-finetune"]["id"])
+    assert not (rd / "btx" / "finetuned" / "manifest.json").exists()
+    last = check_checkpoints(checkpoints)[-1]  # the killed save left nothing that looks complete
     assert {d: experts[d].stat().st_mtime_ns for d in ("code", "wiki")} == mtimes
     again = [e for e in events(rd)[n_events:] if e["unit"].startswith("experts:")]
     assert {e["unit"] for e in again} == {"experts:math"}
-    assert all(e["rc"] in (None, 0) for e in events(rd)[n_events:])
+
+    # 3. The node returns; a relaunch resumes finetune from its last complete checkpoint.
+    cluster(slurm, "start-node", "2")
+    launch(slurm, rd, TWO_NODES)
+    third = jobs_of(rd)
+    assert "experts" not in third and "mix" not in third and third["finetune"]["units"] == ["finetune"]
+    wait_for(slurm, rd)
+    assert (rd / "report" / "report.json").is_file(), log_tail(rd)
+    assert resumed_from(rd, f"btx-finetune-{third['finetune']['id']}.out") == last.name, log_tail(rd)
+    took = time.monotonic() - start
+
+    # Ranks on both hosts in every 2-node job; the same results as the one-node run.
+    for job in ("btx-experts-*", "btx-mix-*", "btx-finetune-*"):
+        hosts = rank_hosts(rd, job)
+        assert hosts and all(h == ["0=btxn1", "1=btxn2"] or h == ["0=btxn2", "1=btxn1"] for h in hosts), (job, hosts)
+        one = rank_hosts(ref, job)  # the reference: both ranks of a job on one host
+        assert one and all(len({x.split("=")[1] for x in h}) == 1 for h in one), (job, one)
+    check_checkpoints(checkpoints)
+    same_results(rd, ref)
+    print(f"two-node chain with a failed task, a preemption and a dead node: {took:.0f} s "
+          f"(the one-node chain: {one_node_chain[1]:.0f} s)")
 
 
 @pytest.mark.parametrize("sig", ["USR1", "TERM"])
