@@ -410,10 +410,11 @@ def test_two_node_chain_survives_failures(slurm, one_node_chain, tmp_path):
           f"(the one-node chain: {one_node_chain[1]:.0f} s)")
 
 
-@pytest.mark.parametrize("sig", ["USR1", "TERM"])
+@pytest.mark.parametrize("sig", ["USR1"])
 def test_job_requeues_before_time_limit(slurm, tmp_path, sig):
-    """USR1 before the time limit, or TERM (a preemption, `scancel`): the stage stops (exit 75),
-    the job requeues and finishes.
+    """USR1 before the time limit: the stage stops (exit 75), the job requeues and finishes.
+    (TERM, a preemption, is sent to a real 2-node training job in
+    test_two_node_chain_survives_failures.)
 
     A stand-in interpreter plays the stage (the training loop's side, which turns both signals
     into a checkpoint and exit 75, is tested in tests/training/test_resume.py): experts:code
