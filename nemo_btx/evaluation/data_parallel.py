@@ -16,6 +16,7 @@ that way), so `torchrun --nproc-per-node N` evaluates with N data-parallel ranks
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -71,6 +72,17 @@ class DataParallel:
         out = [None] * self._world_size if self._rank == dst else None
         dist.gather_object(obj, out, dst=self._global(dst), group=self._dp_group)
         return out
+
+    @contextlib.contextmanager
+    def alone(self):
+        """Rank 0 presents itself to lm-eval as the only rank for the duration (lm-eval fails
+        on a rank that gets no document, so a limit below the number of ranks runs there)."""
+        saved = self._rank, self._world_size
+        self._world_size = 1
+        try:
+            yield
+        finally:
+            self._rank, self._world_size = saved
 
     def barrier(self) -> None:
         if self._world_size > 1:

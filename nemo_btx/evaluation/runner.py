@@ -61,7 +61,8 @@ def task_manager(metadata: Optional[dict] = None, include_path: Optional[str] = 
 
 def run_tasks(lm, tasks: Sequence[str] = DEFAULT_TASKS, *, limit: Optional[float] = None,
               data_dir: Optional[str] = None, log_samples: bool = False) -> dict:
-    """lm-eval's results dict (results, groups, configs, versions, n-shot, ...), JSON-clean.
+    """lm-eval's results dict (results, groups, configs, versions, n-shot, ...), JSON-clean;
+    with data-parallel ranks (`data_parallel.py`), on rank 0 only (None elsewhere).
 
     Args:
         limit: documents per task (lm-eval's --limit); None = the full sets.
@@ -70,11 +71,23 @@ def run_tasks(lm, tasks: Sequence[str] = DEFAULT_TASKS, *, limit: Optional[float
     import lm_eval
     from lm_eval.utils import handle_non_serializable
 
-    with datasets_sandbox():
-        tm = task_manager({"data_dir": data_dir} if data_dir else None, tasks=tasks)
-        results = lm_eval.simple_evaluate(
-            model=lm, tasks=list(tasks), task_manager=tm, limit=limit, log_samples=log_samples,
-            confirm_run_unsafe_code=True, verbosity="WARNING", bootstrap_iters=0)
+    def evaluate():
+        with datasets_sandbox():
+            tm = task_manager({"data_dir": data_dir} if data_dir else None, tasks=tasks)
+            return lm_eval.simple_evaluate(
+                model=lm, tasks=list(tasks), task_manager=tm, limit=limit, log_samples=log_samples,
+                confirm_run_unsafe_code=True, verbosity="WARNING", bootstrap_iters=0)
+
+    if limit is not None and 1 <= limit < getattr(lm, "world_size", 1):
+        # lm-eval deals documents to ranks in turn and fails on a rank that gets none ("did
+        # not find any docs"): so few documents are evaluated by rank 0 alone.
+        results = None
+        if lm.rank == 0:
+            with lm.alone():
+                results = evaluate()
+        lm.barrier()
+    else:
+        results = evaluate()  # with data-parallel ranks: None on every rank but 0
     return json.loads(json.dumps(results, default=handle_non_serializable))
 
 

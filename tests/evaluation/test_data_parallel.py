@@ -50,7 +50,8 @@ def test_two_ranks_score_what_one_process_scores(eval_run, tmp_path):  # noqa: F
 @pytest.mark.timeout(300)
 def test_eval_stage_under_torchrun_writes_one_results_json(eval_run, tmp_path):  # noqa: F811
     """`torchrun -m nemo_btx.cli eval` with 2 ranks: one results.json, equal to one process's
-    (lm-eval results and per-domain perplexity), for every model of `eval.model=all`."""
+    (lm-eval results and per-domain perplexity), for every model of `eval.model=all`; with
+    eval.limit=1, fewer documents than ranks (lm-eval alone would fail on the idle rank)."""
     import shutil
 
     runs = {}
@@ -58,10 +59,11 @@ def test_eval_stage_under_torchrun_writes_one_results_json(eval_run, tmp_path): 
         run_dir = tmp_path / f"run{n}"
         shutil.copytree(eval_run, run_dir, ignore=shutil.ignore_patterns("eval"))
         run_torchrun("-m", ["nemo_btx.cli", "eval", f"run.dir={run_dir}", *SMALL, "eval.model=all",
-                            "eval.tasks=[btx_mmlu_anatomy]", "eval.limit=3"], nproc=n, timeout=240)
+                            "eval.tasks=[btx_mmlu_anatomy]", "eval.limit=1"], nproc=n, timeout=240)
         runs[n] = {p.parent.name: json.loads(p.read_text()) for p in (run_dir / "eval").glob("*/results.json")}
     assert set(runs[2]) == set(runs[1]) and {"seed", "expert-code", "btm-top2"} <= set(runs[2])
     for name, res in runs[2].items():
         assert res["nemo_btx"]["data_parallel_ranks"] == 2
         assert res["results"] == runs[1][name]["results"], name
+        assert res["results"]["btx_mmlu_anatomy"]["sample_len"] == 1
         assert res["nemo_btx"]["perplexity"] == runs[1][name]["nemo_btx"]["perplexity"], name
