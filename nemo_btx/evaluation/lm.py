@@ -2,7 +2,8 @@
 the BTM ensemble (`nemo-btx-btm`, `btm.py`) shares.
 
 A scorer is anything with `logprobs(tokens [B, S]) -> [B, S, V]`, `decoder(prompts, max_new)`
-(an object with `.last` `[B, V]` and `.step(tokens [B])`), `max_length` and `vocab_size`. The
+(an object with `.last` `[B, V]`, `.step(tokens [B])` and `.keep(rows)`), `max_length` and
+`vocab_size` (and `decode_bytes_per_token()` to size generation batches from memory). The
 three lm-eval request types reduce to those two calls:
 
 - `loglikelihood`: context + continuation in one right-padded batch; the continuation's
