@@ -114,8 +114,9 @@ def findings(data: dict, results: Table, aggregate: Table, comp: Dict[str, dict]
                 f"({_signed(100 * (b - o), ' points')})")
         se_b, se_o = _score_se(data, "btx"), _score_se(data, other)
         se = math.sqrt(se_b ** 2 + se_o ** 2) if se_b is not None and se_o is not None else None
-        if se is not None and abs(b - o) < se:
-            text += f"; within one standard error ({100 * se:.1f} points), so not a meaningful difference"
+        if se is not None and abs(b - o) < 2 * se:  # the rule Table 2b's ≈ marks use
+            text += (f"; within two standard errors (2 × {100 * se:.1f} points), so not a "
+                     "meaningful difference")
         out.append(_finding(f"btx_vs:{other}:tasks", b > o, text + ".", btx=b, other=o,
                             diff=b - o, stderr=se))
 

@@ -106,7 +106,7 @@ def test_findings_are_computed_and_honest(run):
     dense = f["btx_vs:dense:ppl"]
     assert not dense["holds"] and dense["text"].startswith("BTX does not beat Dense (compute-matched)")
     assert f["btx_vs:dense:tasks"]["holds"]  # (18+8+29)/3 > (14+6+29)/3
-    assert "standard error" in f["btx_vs:dense:tasks"]["text"]  # 40 documents: within noise
+    assert "within two standard errors" in f["btx_vs:dense:tasks"]["text"]  # 40 documents: within noise
     # Compute matching: upcycling got BTX's FLOPs, the dense baseline only 78/90 of them.
     assert f["compute_matched:upcycle-compute"]["holds"]
     assert not f["compute_matched:dense"]["holds"]
