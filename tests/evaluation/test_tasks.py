@@ -95,7 +95,7 @@ def test_mmlu_always_b_scores_the_share_of_b():
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_mmlu_always_b_scores_the_share_of_b():
+def test_mmlu_always_b_on_forty_questions_per_subject():
     """The first 40 questions of every subject (2,280 of the 14,042; the whole set took 67 s):
     the group's accuracy is the share of B among them, so each subject's documents, answers and
     the size-weighted group mean line up."""
