@@ -115,7 +115,7 @@ def rope_settings(hf: dict, where: str) -> dict:
 
 
 def _rope(hf: dict, key: Optional[str], where: str) -> dict:
-    params = hf.get(key) or {} if key else {}
+    params = (hf.get(key) or {}) if key else {}  # key None: plain RoPE from rope_theta alone
     if not isinstance(params, dict):
         _refuse(where, key, params, "must be an object of RoPE settings")
     kind = params.get("rope_type", params.get("type", "default"))
