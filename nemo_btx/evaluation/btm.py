@@ -280,14 +280,15 @@ class BTMLM(ScorerLM):
         routing: `posterior` (Bayes rule) or `tfidf` (similarity to each domain's training data;
             needs `run_dir` and `domains`).
         domains: `|`-separated domain names matching the experts, for tfidf and estimate.
+        tp, pp: the layout every expert runs at (as `nemo-btx`'s; dense experts have no EP).
     """
 
     def __init__(self, experts=None, top_k=2, run_dir: Optional[str] = None, prior: str = "uniform",
                  routing: str = "posterior", domains=None, batch_size=None, max_length=None,
                  max_gen_toks: int = 256, precision: str = "auto", gen_cap=None, gen_batch_size=None,
-                 max_batch_size=None,
+                 max_batch_size=None, tp=1, pp=1, layout=None,
                  device=None, **unused):
-        from nemo_btx.evaluation.lm import load_run_tokenizer
+        from nemo_btx.evaluation.lm import load_run_tokenizer, model_args_layout
         from nemo_btx.evaluation.model import CheckpointModel
 
         if unused:
@@ -301,7 +302,8 @@ class BTMLM(ScorerLM):
             paths = [str(rd.expert(n) / WEIGHTS) for n in names]
         else:
             paths = _split_paths(experts)
-        models = [CheckpointModel(p, precision=precision) for p in paths]
+        layout = layout or model_args_layout(tp, pp)
+        models = [CheckpointModel(p, precision=precision, layout=layout) for p in paths]
         tok = load_run_tokenizer(paths[0], run_dir)
         router = None
         if routing == "tfidf":

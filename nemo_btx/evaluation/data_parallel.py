@@ -1,43 +1,127 @@
-"""Data-parallel evaluation: every rank holds the whole model and scores a share of the requests.
+"""Data-parallel evaluation: the processes form model replicas, each replica scores a share of
+the requests.
+
+A replica is the set of ranks that together hold one copy of the model at the evaluation's
+layout: its tensor- and pipeline-parallel ranks and, for an MoE, its expert-parallel ranks (the
+union of megatron-core's model-parallel group and its expert tensor-model-pipeline group). Every
+rank of a replica is fed the same requests, so they run the same forward passes in lockstep
+(the collectives inside the model match); at TP=PP=EP=1 each process is a replica of its own.
 
 lm-eval already knows how to spread an evaluation over ranks: `evaluate()` hands each rank
 every `world_size`-th document (`task.build_all_requests(rank=, world_size=)`), pads the ranks
 to the same number of requests, and gathers the per-document metrics on rank 0, which alone
 aggregates and returns the results (the others get None). It needs only the model's `rank`,
 `world_size`, `device` and three collectives, `all_gather`, `gather_object` and `barrier`;
-`DataParallel` provides them over torch.distributed (gloo on CPU, NCCL on GPUs), on
-megatron-core's data-parallel group, so no request splitter of our own exists.
+`DataParallel` provides them over torch.distributed (gloo on CPU, NCCL on GPUs): `rank` is the
+replica's index and the collectives run among the ranks at the same place in every replica
+(`Split`), so no request splitter of our own exists.
 
 Scores equal one process's: a document's requests are scored by the same model on the same
-tokens whichever rank holds it, its metric is computed on that rank, and rank 0 aggregates the
-gathered per-document values. Each rank runs at TP=PP=EP=1 (`model.py` loads any checkpoint
-that way), so `torchrun --nproc-per-node N` evaluates with N data-parallel ranks.
+tokens whichever replica holds it, its metric is computed there, and replica 0 aggregates the
+gathered per-document values; global rank 0 writes them.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
 
-def dp_rank_and_size() -> Tuple[int, int, Optional[Any]]:
-    """(rank, size, group) of this process in the data-parallel group; (0, 1, None) alone."""
-    if not dist.is_available() or not dist.is_initialized():
-        return 0, 1, None
-    from megatron.core import parallel_state
+@dataclass(frozen=True)
+class Split:
+    """How this process shares the evaluation: `rank` of `size` replicas, and `group`, this
+    process with its counterparts in the other replicas (None when alone)."""
 
-    if not parallel_state.model_parallel_is_initialized():
-        return dist.get_rank(), dist.get_world_size(), None
-    group = parallel_state.get_data_parallel_group()
-    return dist.get_rank(group), dist.get_world_size(group), group
+    rank: int
+    size: int
+    group: Optional[Any]
+
+
+_SPLITS: Dict[Tuple, Split] = {}
+
+
+def replicas_of(memberships: Sequence[Sequence[Sequence[int]]]) -> List[List[int]]:
+    """The model replicas, from every rank's model-parallel groups (by rank: the lists of
+    ranks it shares a group with): ranks linked through any group form one replica. Sorted by
+    lowest rank, each sorted."""
+    parent = list(range(len(memberships)))
+
+    def root(r: int) -> int:
+        while parent[r] != r:
+            parent[r] = parent[parent[r]]
+            r = parent[r]
+        return r
+
+    for groups in memberships:
+        for ranks in groups:
+            for r in ranks[1:]:
+                parent[root(r)] = root(ranks[0])
+    out: Dict[int, List[int]] = {}
+    for r in range(len(memberships)):
+        out.setdefault(root(r), []).append(r)
+    return sorted(out.values())
+
+
+def current_split() -> Split:
+    """This process's `Split` at the layout megatron-core is initialised with (computed once
+    per layout: every rank creates the same groups, in the same order)."""
+    if not dist.is_available() or not dist.is_initialized():
+        return Split(0, 1, None)
+    from megatron.core import parallel_state as ps
+
+    world = dist.get_world_size()
+    if not ps.model_parallel_is_initialized():
+        return Split(dist.get_rank(), world, None)
+    key = (world, ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+           ps.get_expert_model_parallel_world_size(), ps.get_expert_tensor_parallel_world_size())
+    if key in _SPLITS:
+        return _SPLITS[key]
+    mine = [dist.get_process_group_ranks(g) for g in (
+        ps.get_model_parallel_group(), ps.get_expert_tensor_model_pipeline_parallel_group())]
+    everyone: List = [None] * world
+    dist.all_gather_object(everyone, mine)
+    replicas = replicas_of(everyone)
+    me = dist.get_rank()
+    index = next(i for i, r in enumerate(replicas) if me in r)
+    if len(replicas) == 1:
+        split = Split(0, 1, None)
+    else:
+        if len({len(r) for r in replicas}) != 1:
+            raise RuntimeError(f"model replicas of unequal size: {replicas}")
+        group = None
+        for place in range(len(replicas[0])):  # every rank creates every group, in order
+            ranks = [r[place] for r in replicas]
+            g = dist.new_group(ranks)
+            if me in ranks:
+                group = g
+        split = Split(index, len(replicas), group)
+        # lm-eval's rank must be the replica's index on every rank of the replica
+        if dist.get_rank(group) != index:
+            raise RuntimeError(f"replicas {replicas}: rank {me} is {dist.get_rank(group)} of its "
+                               f"group, not its replica's index {index}")
+    _SPLITS[key] = split
+    return split
+
+
+def dp_rank_and_size() -> Tuple[int, int, Optional[Any]]:
+    """(replica index, replicas, group of this rank's counterparts) of this process."""
+    s = current_split()
+    return s.rank, s.size, s.group
+
+
+def is_writer() -> bool:
+    """Whether this process writes the evaluation's files (global rank 0; every rank of replica
+    0 holds the same results)."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 class DataParallel:
-    """lm-eval's distributed interface (`lm_eval.api.model.LM`): a base class listed before `LM`, whose
-    no-op versions it overrides."""
+    """lm-eval's distributed interface (`lm_eval.api.model.LM`) over model replicas: a base class
+    listed before `LM`, whose no-op versions it overrides."""
 
     def _init_data_parallel(self, device: torch.device) -> None:
         self._rank, self._world_size, self._dp_group = dp_rank_and_size()
@@ -75,8 +159,9 @@ class DataParallel:
 
     @contextlib.contextmanager
     def alone(self):
-        """Rank 0 presents itself to lm-eval as the only rank for the duration (lm-eval fails
-        on a rank that gets no document, so a limit below the number of ranks runs there)."""
+        """Replica 0 presents itself to lm-eval as the only one for the duration (lm-eval fails
+        on a rank that gets no document, so a task with fewer documents than replicas runs
+        there)."""
         saved = self._rank, self._world_size
         self._world_size = 1
         try:

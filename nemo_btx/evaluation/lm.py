@@ -257,11 +257,15 @@ class ScorerLM(DataParallel, LM):
         longest = max(len(p) for p in prompts)
         dec = self.scorer.decoder(pad_right([p[:shortest] for p in prompts], self.eod_id),
                                   longest - shortest + max_new)
+        # a decoder that offers them: argmax on the logits, steps without log-probs
+        greedy = getattr(dec, "greedy", None) or (lambda: dec.last.argmax(-1))
+        advance = getattr(dec, "advance", None) or dec.step
+        window = self._stop_window(until)
         generated: List[List[int]] = [[] for _ in prompts]
         rows = list(range(len(prompts)))  # prompts still decoding, in the decoder's row order
         t = shortest
         while True:
-            nxt = dec.last.argmax(-1).cpu()
+            nxt = greedy().tolist()
             going = []
             for j, i in enumerate(rows):
                 p = prompts[i]
@@ -269,23 +273,37 @@ class ScorerLM(DataParallel, LM):
                     nxt[j] = p[t]  # still inside this row's prompt
                     going.append(j)
                     continue
-                tok = int(nxt[j])
+                tok = nxt[j]
                 if tok == self.eod_id:
                     continue
                 generated[i].append(tok)
-                if len(generated[i]) < max_new and not self._stopped(generated[i], until):
+                if len(generated[i]) < max_new and not self._stopped(generated[i], until, window):
                     going.append(j)
             if not going:
                 break
             if len(going) < len(rows):
                 dec.keep(going)
-                rows, nxt = [rows[j] for j in going], nxt[going]
-            dec.step(nxt)
+                rows, nxt = [rows[j] for j in going], [nxt[j] for j in going]
+            advance(torch.tensor(nxt, dtype=torch.long))
             t += 1
         return generated
 
-    def _stopped(self, ids: List[int], until: List[str]) -> bool:
+    @staticmethod
+    def _stop_window(until: List[str]) -> int:
+        """Tokens at the end of a generation that hold any stop string it newly contains: at
+        most one per UTF-8 byte of the longest stop, plus a margin for tokens that decode to
+        nothing alone (a BOS) or change the text at the window's start (a leading space)."""
+        return 4 + max((len(s.encode("utf-8")) for s in until), default=0)
+
+    def _stopped(self, ids: List[int], until: List[str], window: Optional[int] = None) -> bool:
+        """Whether the text of `ids` contains a stop string, called after every new token (so
+        the text of `ids[:-1]` contained none). Only the last `window` tokens are decoded: a
+        stop string that the new token completes lies within them. A stop string found there
+        is confirmed on the whole text, so the answer is the whole text's."""
         if not until:
+            return False
+        window = window or self._stop_window(until)
+        if len(ids) > window and not any(s in self.tok.decode(ids[-window:]) for s in until):
             return False
         text = self.tok.decode(ids)
         return any(s in text for s in until)
@@ -308,21 +326,31 @@ class NemoBtxLM(ScorerLM):
         max_length: context window; default: the model's trained sequence length.
         precision: auto | fp32 | bf16.
         gen_batch_size: sequences generated together; default: from free memory.
+        tp, pp, ep: the layout each model replica runs at (under torchrun, the processes beyond
+            one replica share the requests); default 1 each. `layout` (a ParallelConfig, from
+            the eval stage) replaces them.
     """
 
     def __init__(self, checkpoint: str, run_dir: Optional[str] = None, batch_size=None,
                  max_length: Optional[int] = None, max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
                  precision: str = "auto", gen_cap: Optional[int] = None, gen_batch_size=None,
-                 max_batch_size=None,
+                 max_batch_size=None, tp=1, pp=1, ep=1, layout=None,
                  device=None, **unused):
         from nemo_btx.evaluation.model import CheckpointModel
 
         if unused:
             log.warning("nemo-btx: ignoring model_args %s", sorted(unused))
-        scorer = CheckpointModel(checkpoint, precision=precision)
+        scorer = CheckpointModel(checkpoint, precision=precision, layout=layout or model_args_layout(tp, pp, ep))
         super().__init__(scorer, load_run_tokenizer(checkpoint, run_dir), batch_size=batch_size,
                          max_length=max_length, max_gen_toks=max_gen_toks, gen_cap=gen_cap,
                          gen_batch_size=gen_batch_size)
+
+
+def model_args_layout(tp=1, pp=1, ep=1):
+    """The layout lm-eval's `--model_args tp=,pp=,ep=` ask for."""
+    from nemo_btx.config.schema import ParallelConfig
+
+    return ParallelConfig(tp=int(tp), pp=int(pp), ep=int(ep))
 
 
 def load_run_tokenizer(checkpoint, run_dir: Optional[str]):

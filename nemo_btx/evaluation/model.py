@@ -1,11 +1,15 @@
 """A megatron-core checkpoint as a next-token scorer: full-sequence log-probs and a KV-cached
 greedy decoder. The lm-eval adapter (`lm.py`) and the BTM ensemble (`btm.py`) build on this.
 
-Every evaluating process holds the whole model: the checkpoint is a megatron-core distributed
-checkpoint, so one written at any TP/PP/EP layout loads here at TP=PP=EP=1 (dist_checkpointing
-reshards). Under torchrun the processes are data-parallel ranks (`data_parallel.py`). The
-model's shape comes from the checkpoint's marker (`btx_checkpoint.json` holds its
-ModelConfig), so any dense or MoE checkpoint of this project loads without a config.
+A checkpoint is a megatron-core distributed checkpoint, so one written at any TP/PP/EP layout
+loads at the evaluation's layout (`eval_layout`; dist_checkpointing reshards): TP=PP=EP=1
+by default (every process holds the whole model), or the tensor/pipeline/expert-parallel sizes
+of the eval stage's layout. A pipeline's stages run one forward pass through megatron-core's
+pipeline schedule (forward only) and the last stage's logits are broadcast to the others, so
+every rank of a model replica sees the same log-probs and takes the same decisions; under
+torchrun the replicas share the requests (`data_parallel.py`). The model's shape comes from
+the checkpoint's marker (`btx_checkpoint.json` holds its ModelConfig), so any dense or MoE
+checkpoint of this project loads without a config.
 
 Generation uses megatron-core's `StaticInferenceContext` (its KV cache works on CPU once
 `torch.cuda.current_device` is redirected, which `runtime.cpu` does): a prompt is encoded once
@@ -16,15 +20,17 @@ finish early are dropped from it (`Decoder.keep`), so the batch shrinks as seque
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
+import os
 from pathlib import Path
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
-from nemo_btx.config.schema import ExperimentConfig, ModelConfig, MoEConfig
-from nemo_btx.errors import BtxError
+from nemo_btx.config.schema import ExperimentConfig, ModelConfig, MoEConfig, ParallelConfig
+from nemo_btx.errors import BtxError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -41,24 +47,41 @@ def model_config_from_marker(marker: dict) -> ModelConfig:
                        moe=MoEConfig(**{k: v for k, v in moe.items() if k in moe_known}))
 
 
+def eval_layout(layout: Optional[ParallelConfig], model: ModelConfig) -> ParallelConfig:
+    """The layout a model is evaluated at: the tensor, pipeline and expert-parallel sizes of
+    `layout` (default: 1 each), one model chunk per pipeline rank, no context parallelism, and
+    no expert parallelism for a dense model (it has no experts to spread)."""
+    p = copy.deepcopy(layout) if layout is not None else ParallelConfig()
+    if p.cp != 1:
+        raise ConfigError("parallel.cp", p.cp, "evaluation does not split sequences over ranks: use 1")
+    p.vp = None  # interleaving needs training micro-batches; one chunk per stage holds the same layers
+    p.distributed_optimizer, p.overlap_grad_reduce, p.overlap_param_gather = False, None, None
+    p.recompute = "none"
+    if model.moe.num_experts is None:
+        p.ep, p.etp = 1, None
+    return p
+
+
 def ensure_runtime(cfg: ExperimentConfig) -> None:
-    """Initialise torch.distributed + megatron parallel state once per process (TP=PP=EP=1;
-    under torchrun every process is a data-parallel rank).
+    """Initialise torch.distributed + megatron parallel state at `cfg.parallel` (under torchrun
+    the processes beyond one model replica are data-parallel).
 
     Several models (the experts of a BTM ensemble, the models of `eval.model=all`) share one
-    runtime.
+    process group; a model at another layout (a dense model after an MoE one at EP=2) re-lays
+    megatron's parallel state out.
     """
-    from megatron.core import parallel_state
+    from megatron.core import parallel_state as ps
 
-    if torch.distributed.is_initialized() and parallel_state.model_parallel_is_initialized():
-        if parallel_state.get_tensor_model_parallel_world_size() != 1 or \
-                parallel_state.get_pipeline_model_parallel_world_size() != 1 or \
-                parallel_state.get_expert_model_parallel_world_size() != 1:
-            raise BtxError("evaluation holds the whole model in every process (TP=PP=EP=1); "
-                           "this process was initialised with model parallelism")
+    from nemo_btx.config.validate import etp_of
+    from nemo_btx.runtime.distributed import init_runtime, relayout
+
+    if torch.distributed.is_initialized() and ps.model_parallel_is_initialized():
+        p = cfg.parallel
+        now = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+               ps.get_expert_model_parallel_world_size(), ps.get_expert_tensor_parallel_world_size())
+        if now != (p.tp, p.pp, p.ep, etp_of(p)):
+            relayout(cfg)
         return
-    from nemo_btx.runtime.distributed import init_runtime
-
     init_runtime(cfg)
 
 
@@ -70,15 +93,24 @@ class CheckpointModel:
         precision: 'auto' (bf16 on GPU, fp32 on CPU), 'fp32' or 'bf16'.
     """
 
-    def __init__(self, checkpoint, *, precision: str = "auto"):
+    def __init__(self, checkpoint, *, precision: str = "auto", layout: Optional[ParallelConfig] = None):
+        from megatron.core import parallel_state
+
         from nemo_btx.model.build import build_model, unwrap
         from nemo_btx.training.checkpoint import load_model_weights, read_marker
 
         self.path = Path(checkpoint)
         self.model_cfg = model_config_from_marker(read_marker(self.path))
         cfg = ExperimentConfig(model=self.model_cfg)
+        cfg.parallel = eval_layout(layout, self.model_cfg)
         cfg.train.precision = precision
+        # No training batch: one that any number of data-parallel ranks divides.
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        cfg.train.micro_batch_size, cfg.train.global_batch_size = 1, max(1, world // (cfg.parallel.tp * cfg.parallel.pp))
         ensure_runtime(cfg)
+        # Sequence parallelism splits each sequence over the TP ranks: a decoding step's one
+        # token cannot be split. megatron-core needs it for MoE training only.
+        cfg.parallel.sequence_parallel = False
         chunks = build_model(cfg, wrap_ddp=False)
         load_model_weights(chunks, self.path, self.model_cfg)
         self.module = chunks[0]  # Float16Module on bf16: casts the output logits back to fp32
@@ -88,18 +120,54 @@ class CheckpointModel:
         self.vocab_size = self.model_cfg.vocab_size
         self.max_length = self.model_cfg.max_position_embeddings or self.model_cfg.seq_length
         self.is_moe = self.model_cfg.moe.num_experts is not None
+        self.layout = cfg.parallel
+        self.pipeline = parallel_state.get_pipeline_model_parallel_world_size() > 1
         self._context = None  # the KV cache, reused across batches (inference_context)
-        log.info("loaded %s (%s, %d layers, hidden %d)", self.path,
+        p = cfg.parallel
+        log.info("loaded %s (%s, %d layers, hidden %d) at tp=%d pp=%d ep=%d", self.path,
                  f"MoE {self.model_cfg.moe.num_experts} experts top-{self.model_cfg.moe.router_topk}"
-                 if self.is_moe else "dense", self.model_cfg.num_layers, self.model_cfg.hidden_size)
+                 if self.is_moe else "dense", self.model_cfg.num_layers, self.model_cfg.hidden_size,
+                 p.tp, p.pp, p.ep)
 
     def _forward(self, tokens: torch.Tensor, start: int = 0, context=None) -> torch.Tensor:
         b, s = tokens.shape
+        tokens = tokens.to(self.device)
         pos = torch.arange(start, start + s, device=self.device).unsqueeze(0).expand(b, s)
-        kwargs = {"inference_context": context, "runtime_gather_output": True} if context is not None else {}
-        logits = self.module(tokens.to(self.device), pos, None, **kwargs)
+        # full-vocabulary logits on every tensor-parallel rank
+        kwargs = {"runtime_gather_output": True}
+        if context is not None:
+            kwargs["inference_context"] = context
+        if self.pipeline:
+            logits = self._pipeline_forward(tokens, pos, kwargs)
+        else:
+            logits = self.module(tokens, pos, None, **kwargs)
         # the embedding is padded for TP; padded rows are not tokens
         return logits[..., : self.vocab_size].float()
+
+    def _pipeline_forward(self, tokens: torch.Tensor, pos: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """One forward pass through the pipeline stages (megatron-core's schedule, forward only,
+        one micro-batch); the last stage's logits, broadcast to every stage."""
+        from megatron.core import parallel_state as ps
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        def step(_data, model):
+            # no loss function: the last stage's schedule keeps the output itself
+            return model(tokens, pos, None, **kwargs), None
+
+        b, s = tokens.shape
+        out = get_forward_backward_func()(forward_step_func=step, data_iterator=iter([None]), model=[self.module],
+                                          num_microbatches=1, seq_length=s, micro_batch_size=b, forward_only=True)
+        group, last = ps.get_pipeline_model_parallel_group(), ps.get_pipeline_model_parallel_last_rank()
+        if ps.is_pipeline_last_stage(ignore_virtual=True):
+            logits = out[0].float().contiguous()
+            shape = torch.tensor(logits.shape, dtype=torch.long, device=self.device)
+        else:
+            shape = torch.empty(3, dtype=torch.long, device=self.device)
+        torch.distributed.broadcast(shape, src=last, group=group)
+        if not ps.is_pipeline_last_stage(ignore_virtual=True):
+            logits = torch.empty(tuple(shape.tolist()), dtype=torch.float32, device=self.device)
+        torch.distributed.broadcast(logits, src=last, group=group)
+        return logits
 
     @torch.inference_mode()
     def logprobs(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -110,6 +178,9 @@ class CheckpointModel:
     def decoder(self, prompts: torch.Tensor, max_new: int) -> "Decoder":
         """A KV-cached greedy decoder primed with equal-length `prompts` `[B, P]` (one at a
         time per model: they share the model's cache)."""
+        if not getattr(self, "_lean_dispatch", False):
+            self._lean_dispatch = True
+            use_allgather_dispatcher(self.gpt)
         return Decoder(self, prompts, max_new)
 
     def decode_bytes_per_token(self) -> int:
@@ -138,9 +209,42 @@ class CheckpointModel:
         return ctx
 
 
+def use_allgather_dispatcher(gpt: torch.nn.Module) -> int:
+    """Give every MoE layer megatron-core's all-gather token dispatcher (the one
+    `moe_token_dispatcher_type: allgather` builds) where the layer has no expert or expert-tensor
+    parallelism; returns how many layers changed.
+
+    Without EP the two dispatchers permute the same tokens to the same experts and add the same
+    products back in the same order (bit-identical logits, tested), but all-to-all's bookkeeping
+    (identity all-to-alls, chunk sorting, `.tolist()` syncs) costs ~0.25 ms per layer and step
+    when decoding on CPU (bench/eval_throughput.py). A dispatcher holds no weights, so the
+    checkpoint is unchanged; under EP the layer keeps its all-to-all.
+    """
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+    from megatron.core.transformer.moe.token_dispatcher import (MoEAllGatherTokenDispatcher,
+                                                                 MoEAlltoAllTokenDispatcher)
+
+    changed = 0
+    for layer in gpt.modules():
+        d = getattr(layer, "token_dispatcher", None)
+        if not isinstance(layer, MoELayer) or type(d) is not MoEAlltoAllTokenDispatcher:
+            continue
+        if d.ep_size != 1 or d.tp_size != 1:
+            continue
+        layer.token_dispatcher = MoEAllGatherTokenDispatcher(
+            layer.num_local_experts, layer.local_expert_indices, config=layer.config,
+            pg_collection=get_default_pg_collection())
+        changed += 1
+    return changed
+
+
 class Decoder:
-    """Incremental decoding over a static KV cache: `last` holds `[B, V]` log-probs of the
-    next token; `step(tokens)` appends one token per row and updates it."""
+    """Incremental decoding over a static KV cache: `logits` holds the `[B, V]` logits of the
+    next token, `last` their log-probs (computed when read) and `greedy()` their argmax;
+    `step(tokens)` appends one token per row and returns `last`, `advance(tokens)` does the
+    same without computing log-probs (greedy decoding never reads them: a log-softmax over the
+    vocabulary per step saved, and the argmax is taken on the logits, as transformers' is)."""
 
     def __init__(self, model: CheckpointModel, prompts: torch.Tensor, max_new: int, *,
                  all_positions: bool = False):
@@ -152,19 +256,42 @@ class Decoder:
         # BTM needs every prompt position's distribution (the expert posterior), not only the last.
         self.context.materialize_only_last_token_logits = not all_positions
         with torch.inference_mode():
-            logits = model._forward(prompts, 0, self.context)
-        self.prompt_logprobs = torch.log_softmax(logits, dim=-1)
-        self.last = self.prompt_logprobs[:, -1]
+            self.prompt_logits = model._forward(prompts, 0, self.context)
+        self._prompt_logprobs = None
+        self.logits = self.prompt_logits[:, -1]
+        self._last = None
         self.offset = p
         self.context.sequence_len_offset = p
         self.context.enable_decode_mode()
 
+    @property
+    def prompt_logprobs(self) -> torch.Tensor:
+        """`[B, P, V]` log-probs after every prompt position (`[B, 1, V]`, the last one, unless
+        `all_positions`)."""
+        if self._prompt_logprobs is None:
+            self._prompt_logprobs = torch.log_softmax(self.prompt_logits, dim=-1)
+        return self._prompt_logprobs
+
+    @property
+    def last(self) -> torch.Tensor:
+        """`[B, V]` log-probs of the next token."""
+        if self._last is None:
+            self._last = torch.log_softmax(self.logits, dim=-1)
+        return self._last
+
+    def greedy(self) -> torch.Tensor:
+        """`[B]` the most likely next token of every row."""
+        return self.logits.argmax(-1)
+
     @torch.inference_mode()
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+    def advance(self, tokens: torch.Tensor) -> None:
         logits = self.model._forward(tokens.view(-1, 1), self.offset, self.context)
         self.offset += 1
         self.context.sequence_len_offset = self.offset
-        self.last = torch.log_softmax(logits[:, -1], dim=-1)
+        self.logits, self._last = logits[:, -1], None
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.advance(tokens)
         return self.last
 
     @torch.inference_mode()
@@ -177,7 +304,9 @@ class Decoder:
             dev = index.to(k.device)
             k[:self.offset, :n] = k[:self.offset].index_select(1, dev)
             v[:self.offset, :n] = v[:self.offset].index_select(1, dev)
-        self.last = self.last[index.to(self.last.device)]
+        index = index.to(self.logits.device)
+        self.logits = self.logits[index]
+        self._last = None if self._last is None else self._last[index]
 
 
 def free_memory_bytes(device: torch.device) -> int:

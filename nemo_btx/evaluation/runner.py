@@ -68,27 +68,47 @@ def run_tasks(lm, tasks: Sequence[str] = DEFAULT_TASKS, *, limit: Optional[float
         limit: documents per task (lm-eval's --limit); None = the full sets.
         data_dir: local benchmark data (GSM8K) when no hub is reachable.
     """
-    import lm_eval
     from lm_eval.utils import handle_non_serializable
 
-    def evaluate():
-        with datasets_sandbox():
-            tm = task_manager({"data_dir": data_dir} if data_dir else None, tasks=tasks)
-            return lm_eval.simple_evaluate(
-                model=lm, tasks=list(tasks), task_manager=tm, limit=limit, log_samples=log_samples,
-                confirm_run_unsafe_code=True, verbosity="WARNING", bootstrap_iters=0)
-
-    if limit is not None and 1 <= limit < getattr(lm, "world_size", 1):
-        # lm-eval deals documents to ranks in turn and fails on a rank that gets none ("did
-        # not find any docs"): so few documents are evaluated by rank 0 alone.
-        results = None
-        if lm.rank == 0:
-            with lm.alone():
-                results = evaluate()
-        lm.barrier()
-    else:
-        results = evaluate()  # with data-parallel ranks: None on every rank but 0
+    with datasets_sandbox():
+        tm = task_manager({"data_dir": data_dir} if data_dir else None, tasks=tasks)
+        replicas = getattr(lm, "world_size", 1)
+        fewest = replicas
+        if replicas > 1:
+            # lm-eval deals documents to ranks in turn and fails on a rank that gets none ("did
+            # not find any docs"): with a task of fewer documents than replicas, replica 0
+            # evaluates alone. The tasks are loaded once, here, and simple_evaluate reuses them.
+            loaded = tm.load(list(tasks))
+            tm.load = lambda _tasks: loaded
+            fewest = min((_documents(t, limit) for t in loaded["tasks"].values()), default=replicas)
+        if fewest < replicas:
+            log.info("a task has %d documents for %d replicas: replica 0 evaluates alone", fewest, replicas)
+            results = None
+            if lm.rank == 0:
+                with lm.alone():
+                    results = _evaluate(lm, tasks, tm, limit, log_samples)
+            lm.barrier()
+        else:
+            # with data-parallel replicas: None on every rank but 0
+            results = _evaluate(lm, tasks, tm, limit, log_samples)
     return json.loads(json.dumps(results, default=handle_non_serializable))
+
+
+def _evaluate(lm, tasks, tm, limit, log_samples) -> Optional[dict]:
+    import lm_eval
+
+    return lm_eval.simple_evaluate(
+        model=lm, tasks=list(tasks), task_manager=tm, limit=limit, log_samples=log_samples,
+        confirm_run_unsafe_code=True, verbosity="WARNING", bootstrap_iters=0)
+
+
+def _documents(task, limit) -> int:
+    """Documents lm-eval evaluates of a task (its eval split, cut by `limit` as lm-eval cuts)."""
+    from lm_eval.evaluator_utils import get_sample_size
+
+    n = len(task.eval_docs)
+    cut = get_sample_size(task, limit)
+    return n if cut is None else min(n, cut)
 
 
 @torch.inference_mode()

@@ -74,7 +74,6 @@ def init_runtime(cfg: ExperimentConfig) -> Runtime:
     # is written for, on GPU nodes too (the redirections are CPU-only; the pin and the
     # model/MoE/checkpoint code are not).
     check_megatron_version()
-    from megatron.core import parallel_state
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -104,6 +103,20 @@ def init_runtime(cfg: ExperimentConfig) -> Runtime:
             timeout=datetime.timedelta(minutes=cfg.parallel.timeout_minutes),
         )
 
+    dp_size = init_model_parallel(cfg)
+    log.info("runtime: %s world=%d device=%s", backend, world_size, device)
+    hosts = [socket.gethostname()] * world_size
+    if world_size > 1:  # which machine each rank runs on: the Slurm log shows a job's spread
+        torch.distributed.all_gather_object(hosts, socket.gethostname())
+        log.info("runtime: rank hosts: %s", " ".join(f"{r}={h}" for r, h in enumerate(hosts)))
+    return Runtime(device=device, rank=rank, world_size=world_size, local_rank=local_rank,
+                   backend=backend, dp_size=dp_size, cpu_redirections=redirections, hosts=tuple(hosts))
+
+
+def init_model_parallel(cfg: ExperimentConfig) -> int:
+    """megatron-core's parallel state at `cfg.parallel`, then the seeds; the data-parallel size."""
+    from megatron.core import parallel_state
+
     p = cfg.parallel
     vp = p.vp if p.vp and p.vp > 1 else None
     parallel_state.initialize_model_parallel(
@@ -117,14 +130,19 @@ def init_runtime(cfg: ExperimentConfig) -> Runtime:
     )
     seed_everything(cfg.train.seed)
     dp_size = parallel_state.get_data_parallel_world_size()
-    log.info("runtime: %s world=%d tp=%d pp=%d vp=%s cp=%d ep=%d etp=%d dp=%d device=%s",
-             backend, world_size, p.tp, p.pp, vp, p.cp, p.ep, etp_of(p), dp_size, device)
-    hosts = [socket.gethostname()] * world_size
-    if world_size > 1:  # which machine each rank runs on: the Slurm log shows a job's spread
-        torch.distributed.all_gather_object(hosts, socket.gethostname())
-        log.info("runtime: rank hosts: %s", " ".join(f"{r}={h}" for r, h in enumerate(hosts)))
-    return Runtime(device=device, rank=rank, world_size=world_size, local_rank=local_rank,
-                   backend=backend, dp_size=dp_size, cpu_redirections=redirections, hosts=tuple(hosts))
+    log.info("runtime: layout tp=%d pp=%d vp=%s cp=%d ep=%d etp=%d dp=%d",
+             p.tp, p.pp, vp, p.cp, p.ep, etp_of(p), dp_size)
+    return dp_size
+
+
+def relayout(cfg: ExperimentConfig) -> None:
+    """Re-initialise megatron-core's parallel state at another layout in a running process
+    group (evaluation: a dense model after an MoE one). Every rank must call it together."""
+    from megatron.core import parallel_state
+
+    validate(cfg, world_size=torch.distributed.get_world_size())
+    parallel_state.destroy_model_parallel()
+    init_model_parallel(cfg)
 
 
 def seed_everything(seed: int) -> None:

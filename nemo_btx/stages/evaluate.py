@@ -90,10 +90,6 @@ def run(cfg: ExperimentConfig) -> None:
     names = available(cfg) if cfg.eval.model == "all" else [cfg.eval.model]
     if not names:
         raise BtxError(f"{cfg.run.dir}: no complete model to evaluate yet")
-    p = cfg.parallel
-    if max(p.tp, p.pp, p.ep, p.cp) > 1:
-        log.warning("eval: parallel tp=%d pp=%d ep=%d cp=%d not used: every process is a "
-                    "data-parallel rank holding the whole model", p.tp, p.pp, p.ep, p.cp)
     try:
         for name in names:
             evaluate_model(cfg, name)
@@ -137,7 +133,7 @@ def evaluate_model(cfg: ExperimentConfig, name: str) -> Optional[Path]:
     if tasks:
         from nemo_btx.evaluation.runner import run_tasks
 
-        # Under torchrun every rank scores its share; rank 0 alone gets the results.
+        # Under torchrun every replica scores its share; replica 0 alone gets the results.
         results = run_tasks(lm, tasks, limit=cfg.eval.limit, data_dir=cfg.eval.data_dir)
     perplexity = None
     if cfg.eval.perplexity:
@@ -146,9 +142,14 @@ def evaluate_model(cfg: ExperimentConfig, name: str) -> Optional[Path]:
         eval_cfg = _with_model_shape(cfg, lm)
         perplexity = domain_perplexity(lm.scorer, eval_cfg, rd.root, domain_names(cfg),
                                        cfg.eval.perplexity_batches or cfg.data.eval_iters)
-    if lm.rank == 0:
+    from nemo_btx.evaluation.data_parallel import is_writer
+
+    if is_writer():
         _write(cfg, name, paths, identity, out, results, perplexity, tasks, skipped, start, lm.world_size)
-    lm.barrier()  # the other ranks go on once the results are there
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()  # every rank goes on once the results are there
     return out
 
 
@@ -161,6 +162,7 @@ def _write(cfg, name, paths, identity, out, results, perplexity, tasks, skipped,
         "model": name, "checkpoints": [str(p) for p in paths], "identity": identity,
         "perplexity": perplexity, "limit": cfg.eval.limit, "tasks": list(tasks), "skipped_tasks": skipped,
         "seconds": time.monotonic() - start, "data_parallel_ranks": ranks,
+        "layout": {k: getattr(cfg.parallel, k) for k in ("tp", "pp", "ep")},
         "btm": {"prior": cfg.eval.btm_prior, "routing": cfg.eval.btm_routing} if name in BTM_MODELS else None,
         "versions": software_versions(), "complete": True}
     write_json_atomic(out, results)
@@ -194,7 +196,7 @@ def _with_model_shape(cfg: ExperimentConfig, lm) -> ExperimentConfig:
 def build_lm(cfg: ExperimentConfig, name: str, paths: List[Path]):
     """The lm-eval model for a resolved name (one checkpoint, or the BTM ensemble)."""
     common = dict(batch_size=cfg.eval.batch_size, gen_cap=cfg.eval.max_gen_toks,
-                  gen_batch_size=cfg.eval.gen_batch_size)
+                  gen_batch_size=cfg.eval.gen_batch_size, layout=cfg.parallel)
     root = str(RunDir.of(cfg).root)
     if name in BTM_MODELS:
         from nemo_btx.evaluation.btm import BTMLM

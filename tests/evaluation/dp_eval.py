@@ -3,18 +3,25 @@ rank 0 writes {model: {"results", "samples": {task: [(doc_id, resps, metrics), .
 "requests_per_rank"}} as JSON.
 
     torchrun --nproc-per-node 2 dp_eval.py RUN_DIR OUT.json seed,moe,btm-top2 TASK[,TASK] LIMIT
+
+A model may name the layout each replica holds it at: `moe@ep2`, `seed@tp2`, `seed@pp2` (the
+models of one run may be at different layouts: megatron's parallel state is laid out anew).
 """
 
 import json
 import sys
 from pathlib import Path
 
+import torch
 
-def build(run_dir: Path, name: str):
+
+def build(run_dir: Path, spec: str):
     from nemo_btx.evaluation.btm import BTMLM
     from nemo_btx.evaluation.lm import NemoBtxLM
 
-    common = dict(batch_size=3, gen_cap=6)  # odd sizes: ranks get batches of other shapes
+    name, _, layout = spec.partition("@")
+    sizes = {layout[:2]: int(layout[2:])} if layout else {}
+    common = dict(batch_size=3, gen_cap=6, **sizes)  # odd sizes: ranks get batches of other shapes
     if name.startswith("btm"):
         return BTMLM(run_dir=str(run_dir), top_k=int(name[-1]), **common)
     return NemoBtxLM(str(run_dir / name / "weights"), run_dir=str(run_dir), **common)
@@ -41,7 +48,7 @@ def main(run_dir: str, out: str, models: str, tasks: str, limit: str) -> None:
         seen = count_requests(lm)
         res = run_tasks(lm, tasks.split(","), limit=int(limit), log_samples=True)
         per_rank = lm.gather_object(seen)
-        if lm.rank == 0:
+        if torch.distributed.get_rank() == 0:
             # resps[0]: lm-eval pads a rank with copies of its last request, whose responses
             # it appends to that request's (the metrics read the first)
             samples = {t: sorted((s["doc_id"], [r[0] for r in s["resps"]], {m: s[m] for m in s["metrics"]})
