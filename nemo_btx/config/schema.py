@@ -501,6 +501,9 @@ class EvalConfig:
     model: str = "seed"
     """seed | expert-<domain> | btx | upcycle-data | upcycle-compute | dense | btm-top1 | btm-top2 | all (every one
     that exists), or a checkpoint directory."""
+    models: Optional[List[str]] = None
+    """The models `run` and `launch` evaluate (names as eval.model); null = every model of the
+    experiment. The report lists the others as not evaluated by choice, not as missing."""
     tasks: List[str] = field(default_factory=lambda: ["btx_gsm8k", "btx_humaneval", "btx_mmlu"])
     """lm-eval tasks or groups: ours from eval/ (btx_*), or any of lm-eval's own by name (they read
     the hub). An empty list and no suite: perplexity only."""

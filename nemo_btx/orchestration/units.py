@@ -87,6 +87,8 @@ def plan(cfg: ExperimentConfig) -> List[Unit]:
                           layouts.baselines if b.moe else layouts.dense))
     evals = []
     for model in rd.models(names, which):
+        if cfg.eval.models is not None and model.name not in cfg.eval.models:
+            continue
         evals.append(Unit("eval", model.name, ["eval", f"eval.model={model.name}"], [rd.eval_dir(model.name)],
                           _eval_done(cfg, model.name), model.needs, layouts.eval))
     units = after_needs(units, evals)

@@ -358,6 +358,7 @@ def collect(run_dir: Path) -> dict:
             manifests[rel] = m
     domains = domain_list(config["data"], manifests)
     which = ((config["data"].get("baselines") or {}).get("which")) if isinstance(config["data"], dict) else None
+    chosen = ((config["data"].get("eval") or {}).get("models")) if isinstance(config["data"], dict) else None
 
     models: Dict[str, dict] = {}
     stages: Dict[str, dict] = {}
@@ -377,7 +378,8 @@ def collect(run_dir: Path) -> dict:
             version_sources[rel] = stage["versions"]
         ev = evals[name]
         if ev is None:
-            missing.append(f"eval/{name}/results.json ({spec['label']}: not evaluated)")
+            if chosen is None or name in chosen:  # else not evaluated by choice (eval.models)
+                missing.append(f"eval/{name}/results.json ({spec['label']}: not evaluated)")
         else:
             version_sources[ev["path"]] = ev["versions"]
             gone = [t.title for t in tasks if ev["tasks"][t.key] is None]

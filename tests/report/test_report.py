@@ -150,6 +150,22 @@ def test_missing_inputs_still_give_a_report(run):
     assert any("btm-top1" in s or "BTM top-1" in s for s in report["not_assessed"])
 
 
+def test_models_left_out_of_eval_models_are_not_missing(run):
+    """A run that evaluates only some models (eval.models) reports the others as not
+    evaluated by choice: no missing entry, their perplexity from training, dashes for tasks."""
+    import yaml
+
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config.setdefault("eval", {})["models"] = ["seed", "btx"]
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    shutil.rmtree(run / "eval" / "dense")
+    report = build_report(run)
+    assert not any("eval/dense" in m for m in report["missing"]), report["missing"]
+    assert _row(report, "results", "dense")["gsm8k"] is None
+    (run / "eval" / "seed" / "results.json").unlink()  # asked for, absent: missing
+    assert any("eval/seed/results.json" in m for m in build_report(run)["missing"])
+
+
 def test_nearly_empty_run_directory(tmp_path):
     """A run with nothing but the seed's manifest: still a report, everything else missing."""
     run = make_run(tmp_path / "full")

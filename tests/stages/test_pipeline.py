@@ -112,6 +112,22 @@ def test_select_from_and_only(tmp_path):
         select(units, "mix", "eval")
 
 
+def test_eval_models_plans_only_their_evaluations(tmp_path):
+    from nemo_btx.config import validate
+    from nemo_btx.errors import ConfigError
+    from nemo_btx.orchestration.units import plan
+
+    units = plan(load([f"run.dir={tmp_path}", "eval.models=[seed,btm-top2,btx]"]))
+    evals = [u.name for u in units if u.stage == "eval"]
+    assert evals == ["eval:seed", "eval:btm-top2", "eval:btx"]
+    assert units[-1].name == "report" and set(units[-1].needs) == set(evals)
+    assert len(units) == len(plan(load([f"run.dir={tmp_path}"]))) - 7  # 10 evaluations by default
+    with pytest.raises(ConfigError, match=r"eval\.models\.1.*one of seed"):
+        validate(load(["eval.models=[seed,expert-physics]"]))
+    with pytest.raises(ConfigError, match=r"eval\.models\.0.*baselines\.which: dense"):
+        validate(load(["eval.models=[upcycle-data]", "baselines.which=[dense]"]))
+
+
 def test_a_general_domain_trains_no_expert(tmp_path):
     """data.domains.<i>.expert=false: data for the seed, the finetune and the baselines, no expert."""
     from nemo_btx.config.validate import check_config
