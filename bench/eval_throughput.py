@@ -32,7 +32,8 @@ ranks: the whole lm-eval path (`run_tasks`) on the seed under torchrun with 1 an
 hf: the MoE (as above) exported with `nemo-btx export-hf`, greedy generation of `--hf-batch`
    prompts of `--hf-prompt` tokens (text from the run's validation data), `--gen-tokens` new
    tokens each: our `generate_ids` vs `MixtralForCausalLM.generate` (same threads, same batch,
-   no padding); tokens/s and whether every token agrees.
+   no padding, the two sides' repeats alternating); tokens/s, ms per decoding step and whether
+   every token agrees.
 
     .venv/bin/python bench/eval_throughput.py --run-dir runs/tiny --per-subject 2 --json runs/bench/eval.json
 """
@@ -274,17 +275,22 @@ def measure_hf(args, moe_path: Path) -> dict:
             out.append(row[: row.index(lm.eod_id)] if lm.eod_id in row else row)
         return out
 
-    result = {}
-    for label, fn in (("ours (megatron-core, KV cache)", ours), ("transformers generate", theirs)):
+    sides = (("ours (megatron-core, KV cache)", ours), ("transformers generate", theirs))
+    best, got = {}, {}
+    for label, fn in sides:
         fn()  # warm-up
-        best, got = None, None
-        for _ in range(args.repeats):
+    # the two sides alternate, so that load from other work on the machine hits both alike
+    for _ in range(args.repeats):
+        for label, fn in sides:
             start = time.perf_counter()
-            got = fn()
+            got[label] = fn()
             t = time.perf_counter() - start
-            best = t if best is None else min(best, t)
-        tokens = sum(len(g) for g in got)
-        result[label] = {"seconds": best, "tokens": tokens, "tokens_per_s": tokens / best, "ids": got}
+            best[label] = min(best.get(label, t), t)
+    result = {}
+    for label, _ in sides:
+        tokens = sum(len(g) for g in got[label])
+        result[label] = {"seconds": best[label], "tokens": tokens, "tokens_per_s": tokens / best[label],
+                         "ms_per_step": 1000 * best[label] / n, "ids": got[label]}
     a, b = (result[k].pop("ids") for k in list(result))
     same = sum(x == y for x, y in zip(a, b))
     ratio = result["ours (megatron-core, KV cache)"]["tokens_per_s"] / result["transformers generate"]["tokens_per_s"]
@@ -292,7 +298,8 @@ def measure_hf(args, moe_path: Path) -> dict:
           f"{lm.scorer.model_cfg.moe.router_topk}), {len(prompts)} prompts x {args.hf_prompt} tokens, "
           f"{n} new tokens each, threads {torch.get_num_threads()}")
     for label, r in result.items():
-        print(f"{label:<32} {r['tokens']:6d} tokens in {r['seconds']:6.2f} s  {r['tokens_per_s']:8.1f} tok/s")
+        print(f"{label:<32} {r['tokens']:6d} tokens in {r['seconds']:6.2f} s  {r['tokens_per_s']:8.1f} tok/s  "
+              f"{r['ms_per_step']:6.2f} ms/step")
     print(f"ours / transformers: {ratio:.2f}x; identical outputs for {same}/{len(prompts)} prompts")
     return {"rows": result, "ours_over_hf": ratio, "identical_prompts": same, "prompts": len(prompts)}
 

@@ -251,7 +251,9 @@ class ScorerLM(DataParallel, LM):
         The prompts are encoded together up to the shortest one's length; then every step
         feeds each row its own next prompt token while it is still inside its prompt (as
         megatron's static text-generation controller does) and its greedy choice after. A row
-        that finishes leaves the batch, so the rest decode without it.
+        that finishes leaves the batch, so the rest decode without it. A decoder with
+        `greedy()` and `advance(tokens)` (`model.Decoder`) is asked for the argmax and stepped
+        without computing log-probs; any other takes `last.argmax` and `step`.
         """
         shortest = min(len(p) for p in prompts)
         longest = max(len(p) for p in prompts)

@@ -216,21 +216,23 @@ def use_allgather_dispatcher(gpt: torch.nn.Module) -> int:
 
     Without EP the two dispatchers permute the same tokens to the same experts and add the same
     products back in the same order (bit-identical logits, tested), but all-to-all's bookkeeping
-    (identity all-to-alls, chunk sorting, `.tolist()` syncs) costs ~0.25 ms per layer and step
-    when decoding on CPU (bench/eval_throughput.py). A dispatcher holds no weights, so the
-    checkpoint is unchanged; under EP the layer keeps its all-to-all.
+    (identity all-to-alls, chunk sorting, `.tolist()` syncs) costs ~0.1 ms per layer and step
+    when decoding on CPU (4-5% of a step of the tiny MoE: bench/eval_throughput.py). A
+    dispatcher holds no weights, so the checkpoint is unchanged; under EP the layer keeps its
+    all-to-all.
     """
     from megatron.core.transformer.moe.moe_layer import MoELayer
     from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
     from megatron.core.transformer.moe.token_dispatcher import (MoEAllGatherTokenDispatcher,
                                                                  MoEAlltoAllTokenDispatcher)
+    from megatron.core.utils import get_pg_size
 
     changed = 0
     for layer in gpt.modules():
         d = getattr(layer, "token_dispatcher", None)
         if not isinstance(layer, MoELayer) or type(d) is not MoEAlltoAllTokenDispatcher:
             continue
-        if d.ep_size != 1 or d.tp_size != 1:
+        if d.ep_size != 1 or d.tp_size != 1 or get_pg_size(d.tp_ep_group) != 1:
             continue
         layer.token_dispatcher = MoEAllGatherTokenDispatcher(
             layer.num_local_experts, layer.local_expert_indices, config=layer.config,

@@ -168,3 +168,45 @@ def test_batched_generation_equals_one_at_a_time(which, seed_lm, moe_lm, eval_ru
     finally:
         lm.gen_batch_size = None
     assert batched == single + single[:3]
+
+
+@pytest.mark.timeout(300)
+def test_allgather_dispatcher_and_lean_decoder_change_nothing(moe_lm):
+    """Decoding swaps the MoE layers' all-to-all token dispatcher (no EP here) for megatron-core's
+    all-gather one and takes the greedy argmax on the logits without a log-softmax per step
+    (`model.Decoder`): log-probs bit-identical, and the same greedy tokens as before."""
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+    from megatron.core.transformer.moe.token_dispatcher import (MoEAllGatherTokenDispatcher,
+                                                                 MoEAlltoAllTokenDispatcher)
+
+    from nemo_btx.evaluation.model import Decoder, use_allgather_dispatcher
+
+    scorer = moe_lm.scorer
+    layers = [m for m in scorer.gpt.modules() if hasattr(m, "token_dispatcher")]
+    assert layers
+    for layer in layers:  # back to what the checkpoint's config builds (a decoder may have swapped it)
+        layer.token_dispatcher = MoEAlltoAllTokenDispatcher(
+            layer.num_local_experts, layer.local_expert_indices, config=layer.config,
+            pg_collection=get_default_pg_collection())
+    tokens = torch.tensor([moe_lm.tok.encode(t)[:12] for t in ("def add(a, b):\n    return a + b",
+                                                               "The city of Paris is large and old")])
+    tokens = tokens[:, : min(len(r) for r in tokens)]
+
+    def greedy(advance):
+        dec, out = Decoder(scorer, tokens, 8), []
+        for _ in range(8):
+            nxt = dec.greedy() if advance else dec.last.argmax(-1)
+            assert torch.equal(dec.greedy(), dec.last.argmax(-1))
+            out.append(nxt)
+            if advance:
+                dec.advance(nxt)
+            else:
+                assert torch.equal(dec.step(nxt), torch.log_softmax(dec.logits, -1))
+        return torch.stack(out, 1)
+
+    before, ids_before = scorer.logprobs(tokens), greedy(advance=False)
+    assert use_allgather_dispatcher(scorer.gpt) == len(layers)
+    assert all(isinstance(layer.token_dispatcher, MoEAllGatherTokenDispatcher) for layer in layers)
+    assert use_allgather_dispatcher(scorer.gpt) == 0  # once
+    assert torch.equal(scorer.logprobs(tokens), before)
+    assert torch.equal(greedy(advance=True), ids_before)
