@@ -116,6 +116,7 @@ class CheckpointModel:
         self.module = chunks[0]  # Float16Module on bf16: casts the output logits back to fp32
         self.module.eval()
         self.gpt = unwrap(self.module)
+        use_allgather_dispatcher(self.gpt)  # cheaper without EP, same logits (see there)
         self.device = next(self.gpt.parameters()).device
         self.vocab_size = self.model_cfg.vocab_size
         self.max_length = self.model_cfg.max_position_embeddings or self.model_cfg.seq_length
@@ -178,9 +179,6 @@ class CheckpointModel:
     def decoder(self, prompts: torch.Tensor, max_new: int) -> "Decoder":
         """A KV-cached greedy decoder primed with equal-length `prompts` `[B, P]` (one at a
         time per model: they share the model's cache)."""
-        if not getattr(self, "_lean_dispatch", False):
-            self._lean_dispatch = True
-            use_allgather_dispatcher(self.gpt)
         return Decoder(self, prompts, max_new)
 
     def decode_bytes_per_token(self) -> int:
