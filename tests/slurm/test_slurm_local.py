@@ -290,7 +290,12 @@ def same_results(rd, ref):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), model
     tables = [json.loads((d / "report" / "report.json").read_text())["tables"] for d in (rd, ref)]
     for name in ("results", "aggregate", "domains", "data"):  # compute/ledger: measured times
-        assert tables[0][name] == tables[1][name], name
+        got, want = tables[0][name], tables[1][name]
+        if got != want:
+            rows = {r["key"]: r for r in want.get("rows", [])}
+            diff = [(r["key"], rows.get(r["key"])) for r in got.get("rows", []) if rows.get(r["key"]) != r]
+            pytest.fail(f"report table {name} differs: {[k for k in got if got[k] != want.get(k)]}; rows "
+                        f"(got, reference): {[(k, r, [x for x in got['rows'] if x['key'] == k]) for k, r in diff]}")
 
 
 def resumed_from(rd, log_name):
