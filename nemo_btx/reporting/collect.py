@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -50,10 +50,38 @@ TASKS = [
 DEFAULT_TASKS = ("gsm8k", "humaneval", "mmlu")
 
 
+#: The metric a task outside TASKS (any lm-eval task named in eval.tasks) is shown by: the first
+#: of these it reports, each a mean of 0/1 outcomes per document like TASKS' metrics.
+ACCURACY_METRICS = ("acc", "exact_match", "pass@1", "acc_norm", "em")
+
+
+def other_tasks(results: dict) -> List[TaskSpec]:
+    """Specs of the tasks an evaluation ran besides TASKS (lm-eval's own, by name), by the first
+    accuracy-like metric each reports; a task with none is left out."""
+    known = {t.task for t in TASKS}
+    out = []
+    for name in (results.get("nemo_btx") or {}).get("tasks") or []:
+        metrics = (results.get("groups") or {}).get(name) or (results.get("results") or {}).get(name)
+        if name in known or not isinstance(metrics, dict):
+            continue
+        keys = sorted(k for k in metrics if "," in k and "_stderr" not in k and _number(metrics[k]) is not None)
+        for metric in ACCURACY_METRICS:
+            hits = [k for k in keys if k.split(",")[0] == metric]
+            if hits:
+                out.append(TaskSpec(name, name, name, metric, hits[0].split(",", 1)[1]))
+                break
+    return out
+
+
 def asked_tasks(evals: List[dict]) -> List[TaskSpec]:
-    """The benchmarks the run's evaluations ran or skipped (the defaults before any did)."""
+    """The benchmarks the run's evaluations ran or skipped (the defaults before any did): ours
+    in TASKS' order, then any other lm-eval task in the order first met."""
     asked = {t for ev in evals for t in [*ev["asked"], *ev["skipped"]]}
     chosen = [t for t in TASKS if t.task in asked]
+    for ev in evals:
+        for spec in ev.get("other_tasks", []):
+            if spec["key"] not in {t.key for t in chosen}:
+                chosen.append(TaskSpec(**spec))
     return chosen or [t for t in TASKS if t.key in DEFAULT_TASKS]
 
 
@@ -233,10 +261,13 @@ def eval_result(run_dir: Path, name: str) -> Optional[dict]:
         value = _number(entry.get("perplexity")) if isinstance(entry, dict) else _number(entry)
         if value is not None:
             perplexity[dom] = value
+    others = other_tasks(results)
+    specs = [*TASKS, *others]
     return {
         "path": str(path.relative_to(run_dir)),
-        "tasks": {t.key: task_score(results, t) for t in TASKS},
-        "documents": {t.key: n for t in TASKS if (n := task_documents(results, t.task)) is not None},
+        "tasks": {t.key: task_score(results, t) for t in specs},
+        "documents": {t.key: n for t in specs if (n := task_documents(results, t.task)) is not None},
+        "other_tasks": [asdict(t) for t in others],
         "perplexity": perplexity, "limit": ours.get("limit"), "checkpoints": ours.get("checkpoints") or [],
         "versions": ours.get("versions") or {},
         "skipped": ours.get("skipped_tasks") or {},
@@ -382,7 +413,7 @@ def collect(run_dir: Path) -> dict:
                 missing.append(f"eval/{name}/results.json ({spec['label']}: not evaluated)")
         else:
             version_sources[ev["path"]] = ev["versions"]
-            gone = [t.title for t in tasks if ev["tasks"][t.key] is None]
+            gone = [t.title for t in tasks if ev["tasks"].get(t.key) is None]
             if gone:
                 why = "; ".join(sorted(set(ev["skipped"].values())))
                 missing.append(f"{ev['path']}: no {', '.join(gone)} score" + (f" (skipped: {why})" if why else ""))
@@ -396,7 +427,7 @@ def collect(run_dir: Path) -> dict:
                 # Same held-out windows as the eval stage, scored during training.
                 perplexity[dom] = {"value": math.exp(stage["valid_loss"][dom]), "source": "train"}
         models[name] = {**spec, "eval": ev, "perplexity": perplexity,
-                        "tasks": {t.key: (ev["tasks"][t.key] if ev else None) for t in tasks}}
+                        "tasks": {t.key: (ev["tasks"].get(t.key) if ev else None) for t in tasks}}
 
     data_rows = datasets(run_dir, domains, missing)
     entries = ledger(run_dir, experts)

@@ -166,6 +166,31 @@ def test_models_left_out_of_eval_models_are_not_missing(run):
     assert any("eval/seed/results.json" in m for m in build_report(run)["missing"])
 
 
+def test_other_lm_eval_tasks_get_their_own_column(run):
+    """Any lm-eval task named in eval.tasks (here hellaswag, and a task whose only metric is not
+    an accuracy) is shown by its first accuracy-like metric, with its documents; a model that
+    did not run it shows a dash."""
+    for name, (acc, norm) in {"seed": (0.25, 0.30), "btx": (0.40, 0.45)}.items():
+        path = run / "eval" / name / "results.json"
+        res = json.loads(path.read_text())
+        res["results"]["hellaswag"] = {"alias": "hellaswag", "acc,none": acc, "acc_norm,none": norm,
+                                       "acc_stderr,none": 0.01}
+        res["results"]["wikitext"] = {"alias": "wikitext", "word_perplexity,none": 30.0}
+        res["n-samples"]["hellaswag"] = {"original": 10042, "effective": 40}
+        res["nemo_btx"]["tasks"] += ["hellaswag", "wikitext"]
+        path.write_text(json.dumps(res))
+    report = build_report(run)
+    keys = [t["key"] for t in report["tasks"]]
+    assert keys == ["gsm8k", "humaneval", "mmlu", "hellaswag"]
+    assert report["tasks"][-1]["metric"] == "acc,none"
+    assert _row(report, "results", "seed")["hellaswag"] == 0.25
+    assert _row(report, "results", "btx")["hellaswag"] == 0.40
+    assert _row(report, "results", "dense")["hellaswag"] is None
+    header = next(line for line in (run / "report" / "report.md").read_text().splitlines()
+                  if line.startswith("| Model") and "GSM8K" in line)
+    assert "hellaswag" in header and "wikitext" not in header
+
+
 def test_nearly_empty_run_directory(tmp_path):
     """A run with nothing but the seed's manifest: still a report, everything else missing."""
     run = make_run(tmp_path / "full")
