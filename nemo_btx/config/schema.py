@@ -470,8 +470,9 @@ class StageLayouts:
     dense: Optional[str] = None
     """The dense baseline (a dense model: typically the experts' layout)."""
     eval: Optional[str] = None
-    """Evaluation: each of the layout's processes is a data-parallel rank holding the whole
-    model at TP=PP=EP=1 (`dp2`: 2 processes); the layout's tp/pp/ep are not used."""
+    """Evaluation: each model at the layout's tp/pp/ep (no EP for a dense model), its processes
+    beyond one model replica data-parallel (`dp2`: 2 replicas of the whole model); null = one
+    process at TP=PP=EP=1."""
 
 
 @dataclass(kw_only=True)

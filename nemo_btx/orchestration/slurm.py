@@ -143,8 +143,8 @@ def resources(cfg: ExperimentConfig, stage: str, layout: Optional[str], override
     if stage in CPU_STAGES:
         return dict(nodes=1, procs_per_node=1, gpus_per_node=0, parallel=None)
     if stage == "eval" and layout is None:
-        # Evaluation loads any checkpoint at TP=PP=EP=1 (nemo_btx/evaluation/model.py); a
-        # layout (e.g. dp2) makes its processes data-parallel ranks.
+        # Without a layout, evaluation is one process at TP=PP=EP=1 on one GPU; a layout gives
+        # each model replica its tp/pp/ep and the rest data-parallel (nemo_btx/evaluation).
         return dict(nodes=1, procs_per_node=1, gpus_per_node=1, parallel=None)
     p = _parallel_of(cfg, layout, overrides, config_name)
     if p.world_size is not None:  # the layout fixes the world: whole nodes of it
