@@ -108,10 +108,12 @@ def test_run_on_one_gpu_machine_fills_it_or_says_why(tmp_path):
     inputs = paper_inputs(tmp_path)
     over = [*PAPER, *inputs, f"run.dir={tmp_path / 'run'}"]
     units = {u.name: u for u in plan(load_config(over))}
-    # One 8-GPU machine: the dense stages take all 8 GPUs (TP2 x DP4), evaluation one.
+    # One 8-GPU machine: the dense stages take all 8 GPUs (TP2 x DP4), evaluation too (8
+    # data-parallel replicas), or one without an eval layout.
     assert nproc_of(units["experts:math"].layout, over, "config", gpus=8, stage="experts") == 8
     assert nproc_of(units["dense"].layout, over, "config", gpus=8, stage="dense") == 8
-    assert nproc_of(units["eval:btx"].layout, over, "config", gpus=8, stage="eval") == 1
+    assert nproc_of(units["eval:btx"].layout, over, "config", gpus=8, stage="eval") == 8
+    assert nproc_of(None, over, "config", gpus=8, stage="eval") == 1
     assert nproc_of("llama2_7b_moe_h100_1node", over, "config", gpus=8, stage="finetune") == 8
     # The two-node MoE layout cannot run on one machine: `run` says so before anything starts.
     msg = refused(["run", *PAPER, *inputs, "eval.missing_data=skip"], "run.layouts.mix=", tmp_path)

@@ -99,7 +99,10 @@ def test_llama2_7b_h100_chain(tmp_path):
     for stage in ("tokenizer", "data", "branch", "report"):  # no GPU asked for
         assert "gpus-per-node" not in sbatch_options(files[by_stage[stage].script])
     eval_opts = sbatch_options(files[by_stage["eval-experts"].script])
-    assert eval_opts["array"] == "0-4" and eval_opts["gpus-per-node"] == "1"
+    # each evaluated model on a whole node: 8 data-parallel replicas under torchrun
+    assert eval_opts["array"] == "0-4" and eval_opts["gpus-per-node"] == "8" and eval_opts["nodes"] == "1"
+    assert by_stage["eval-experts"].layout == "eval_h100_node"
+    assert "--nproc-per-node=8" in files[by_stage["eval-experts"].script]
     # The MoE baselines: one array at the MoE layout; the dense one its own job at a dense layout.
     assert sbatch_options(files[by_stage["baselines"].script])["array"] == "0-1"
     assert by_stage["baselines"].layout == "llama2_7b_moe_h100" and by_stage["dense"].layout == "llama2_7b_h100"
