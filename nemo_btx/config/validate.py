@@ -522,7 +522,7 @@ def model_names(cfg: ExperimentConfig) -> List[str]:
 
 def check_eval(cfg: ExperimentConfig) -> None:
     """Sizes, task names, and a model that is the run's or an existing checkpoint directory."""
-    from nemo_btx.run_dir import BASELINE_NAMES, BTM_MODELS
+    from nemo_btx.run_dir import BTM_MODELS
 
     e = cfg.eval
     _positive("eval.batch_size", e.batch_size)
@@ -542,9 +542,6 @@ def check_eval(cfg: ExperimentConfig) -> None:
         for i, name in enumerate(e.models):
             if name not in known:
                 raise ConfigError(f"eval.models.{i}", name, f"one of {', '.join(known)}")
-            if name in BASELINE_NAMES and name not in cfg.baselines.which:
-                raise ConfigError(f"eval.models.{i}", name, f"a baseline this run trains "
-                                  f"(baselines.which: {', '.join(cfg.baselines.which) or 'none'})")
         _unique("eval.models", e.models)
     _existing_dir("eval.data_dir", e.data_dir, "no such directory (local benchmark data, or null)")
 
