@@ -107,12 +107,6 @@ def current_split() -> Split:
     return split
 
 
-def dp_rank_and_size() -> Tuple[int, int, Optional[Any]]:
-    """(replica index, replicas, group of this rank's counterparts) of this process."""
-    s = current_split()
-    return s.rank, s.size, s.group
-
-
 def is_writer() -> bool:
     """Whether this process writes the evaluation's files (global rank 0; every rank of replica
     0 holds the same results)."""
@@ -124,7 +118,8 @@ class DataParallel:
     listed before `LM`, whose no-op versions it overrides."""
 
     def _init_data_parallel(self, device: torch.device) -> None:
-        self._rank, self._world_size, self._dp_group = dp_rank_and_size()
+        split = current_split()
+        self._rank, self._world_size, self._dp_group = split.rank, split.size, split.group
         self._device = device
 
     @property
@@ -181,7 +176,8 @@ def map_in_order(fn: Callable[[Any], Any], items: Sequence) -> List[Any]:
     """`[fn(x) for x in items]`, each rank computing every `world_size`-th item (lm-eval's split
     of documents), the values gathered on every rank in item order, so whatever is summed over
     them adds up in the order one process adds it (bit-identical totals)."""
-    rank, size, group = dp_rank_and_size()
+    split = current_split()
+    rank, size, group = split.rank, split.size, split.group
     mine = [(i, fn(x)) for i, x in enumerate(items) if i % size == rank]
     if size == 1:
         return [v for _, v in mine]

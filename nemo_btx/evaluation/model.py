@@ -121,7 +121,6 @@ class CheckpointModel:
         self.vocab_size = self.model_cfg.vocab_size
         self.max_length = self.model_cfg.max_position_embeddings or self.model_cfg.seq_length
         self.is_moe = self.model_cfg.moe.num_experts is not None
-        self.layout = cfg.parallel
         self.pipeline = parallel_state.get_pipeline_model_parallel_world_size() > 1
         self._context = None  # the KV cache, reused across batches (inference_context)
         p = cfg.parallel
